@@ -1,0 +1,422 @@
+//! The switch-state journal: a 40 KiB file that says, durably, which image
+//! holds every acknowledged write.
+//!
+//! Invariants (numbered; tests and comments refer to them):
+//!
+//! - J1. A record is reported durable only after copy A was written and
+//!   synced, and then copy B was written and synced.
+//! - J2. Any failed write or sync poisons the journal: every later call
+//!   fails; a failed sync is never retried and never reported as success.
+//! - J3. A commit never writes a block that holds the newest acknowledged
+//!   record: record `seq` goes to slot `seq % 4`, and the newest is in
+//!   slot `(seq - 1) % 4`.
+//! - J4. Recovery returns the newest record that may have been acknowledged,
+//!   or refuses; never an older one, never one that was not written
+//!   (see `recovery`).
+//! - J5. Repair rewrites only copies whose twin is intact, after a backup.
+//!
+//! ```text
+//!          format (rename)          commit            commit
+//!   (none) ───────────────► Copying ──────► Ready ─────────► Switched ──► Completed
+//!                              │  ▲          │ │                │ ▲
+//!                              │  └──────────┘ └──► Aborted     └─┘ (restart, new epoch)
+//!                              └──────────────────► Aborted
+//!   any ── copyctl resolve ──► Resolved (starts a new chain)
+//! ```
+
+pub mod format;
+pub mod payload;
+pub mod recovery;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::storage::{FileStorage, JournalAccess, LockState, Storage};
+use format::{BLOCK_COUNT, BLOCK_SIZE, Frame, JOURNAL_LEN, Kind, Position, SLOTS};
+pub use payload::{HeaderV1, ImageRecord, Phase, RecordV1, Side};
+pub use recovery::{Analysis, BlockReport, Class, Recovered, Refusal, RefusalReason, Repair};
+
+/// An open journal that this process may write.
+#[derive(Debug)]
+pub struct Journal<S: Storage> {
+    storage: S,
+    uuid: [u8; 16],
+    seq: u64,
+    content_crc: u32,
+    record: RecordV1,
+    writer_instance: [u8; 16],
+    writer_epoch: u64,
+    poisoned: bool,
+}
+
+fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn write_block<S: Storage>(storage: &S, frame: &Frame) -> Result<()> {
+    let block = format::encode(frame);
+    storage
+        .write_at(frame.position.offset(), &block)
+        .map_err(|e| Error::io("journal write", e))
+}
+
+fn sync<S: Storage>(storage: &S) -> Result<()> {
+    storage
+        .sync_data()
+        .map_err(|e| Error::io("journal fdatasync", e))
+}
+
+/// Reads the ten blocks of a journal, each as bytes or the read error.
+pub fn read_blocks<S: Storage>(storage: &S) -> Result<Option<Vec<Result<Vec<u8>, String>>>> {
+    let len = storage.len().map_err(|e| Error::io("journal size", e))?;
+    if len != JOURNAL_LEN {
+        return Ok(None);
+    }
+    Ok(Some(
+        Position::all()
+            .map(|position| {
+                let mut block = vec![0u8; BLOCK_SIZE];
+                storage
+                    .read_at(position.offset(), &mut block)
+                    .map(|()| block)
+                    .map_err(|e| e.to_string())
+            })
+            .collect(),
+    ))
+}
+
+/// Reads and analyses a journal without writing anything. Read errors on
+/// single blocks are evidence (the block is unreadable), not failures.
+pub fn analyse<S: Storage>(storage: &S) -> Result<Analysis> {
+    let len = storage.len().map_err(|e| Error::io("journal size", e))?;
+    Ok(match read_blocks(storage)? {
+        Some(blocks) => recovery::analyse(&blocks),
+        None => recovery::truncated(len),
+    })
+}
+
+impl<S: Storage> Journal<S> {
+    /// Lays out a new journal on `storage` (which must be exactly
+    /// [`JOURNAL_LEN`] bytes) with `first` as record 0, and syncs it.
+    /// For files, use [`create_file`], which adds exclusive creation and the
+    /// rename that makes the journal appear only when complete.
+    pub fn format(storage: S, uuid: [u8; 16], first: RecordV1) -> Result<Self> {
+        let len = storage.len().map_err(|e| Error::io("journal size", e))?;
+        if len != JOURNAL_LEN {
+            return Err(Error::InvalidInput(format!(
+                "journal storage is {len} bytes, not {JOURNAL_LEN}"
+            )));
+        }
+        if first.phase != Phase::Copying || first.writer_epoch != 1 {
+            return Err(Error::InvalidInput(
+                "the first record must be Copying, epoch 1".into(),
+            ));
+        }
+        first
+            .check()
+            .map_err(|why| Error::InvalidInput(why.into()))?;
+        let header = HeaderV1::new(first.job_id, now_unix_ns());
+        let header_bytes = payload::encode(&header).map_err(Error::InvalidInput)?;
+        let record_bytes = payload::encode(&first).map_err(Error::InvalidInput)?;
+        for position in Position::all() {
+            let frame = match position {
+                Position::Header { .. } => {
+                    Frame::new(Kind::Header, position, uuid, 0, 0, header_bytes.clone())
+                }
+                Position::Slot { slot: 0, .. } => {
+                    Frame::new(Kind::Record, position, uuid, 0, 0, record_bytes.clone())
+                }
+                Position::Slot { .. } => {
+                    Frame::new(Kind::EmptySlot, position, uuid, 0, 0, Vec::new())
+                }
+            };
+            write_block(&storage, &frame)?;
+        }
+        sync(&storage)?;
+        let content_crc = format::content_crc(0, &record_bytes);
+        Ok(Journal {
+            storage,
+            uuid,
+            seq: 0,
+            content_crc,
+            writer_instance: first.writer_instance,
+            writer_epoch: first.writer_epoch,
+            record: first,
+            poisoned: false,
+        })
+    }
+
+    /// Takes over a recovered journal as a new writer: the next record will
+    /// carry a fresh writer instance and the next epoch. Refuses while
+    /// repairs are pending, so that every later commit starts from a journal
+    /// in which the newest record has both copies.
+    pub fn resume(storage: S, recovered: &Recovered) -> Result<Self> {
+        if !recovered.repairs.is_empty() {
+            return Err(Error::InvalidInput(
+                "the journal has damaged copies; repair it before writing".into(),
+            ));
+        }
+        let mut instance = [0u8; 16];
+        crate::random_bytes(&mut instance);
+        Ok(Journal {
+            storage,
+            uuid: recovered.uuid,
+            seq: recovered.seq,
+            content_crc: recovered.content_crc,
+            record: recovered.record.clone(),
+            writer_instance: instance,
+            writer_epoch: recovered.record.writer_epoch + 1,
+            poisoned: false,
+        })
+    }
+
+    /// The newest durable record.
+    pub fn record(&self) -> &RecordV1 {
+        &self.record
+    }
+
+    /// The newest durable record's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The journal's UUID.
+    pub fn uuid(&self) -> [u8; 16] {
+        self.uuid
+    }
+
+    /// Whether an I/O failure has latched.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// The storage underneath.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// Durably records that the job entered `phase` (J1). Returns the new
+    /// sequence number once both copies are synced. The authoritative side
+    /// follows from the phase.
+    pub fn commit(&mut self, phase: Phase, bytes_copied: u64) -> Result<u64> {
+        if self.poisoned {
+            return Err(Error::Poisoned { what: "journal" });
+        }
+        let previous = self.record.phase;
+        let same_writer = self.record.writer_instance == self.writer_instance;
+        if !previous.may_precede(phase)
+            || phase == Phase::Resolved
+            || (phase == previous && same_writer)
+        {
+            return Err(Error::InvalidInput(format!(
+                "no transition from {} to {}",
+                previous.name(),
+                phase.name()
+            )));
+        }
+        let record = RecordV1 {
+            phase,
+            authoritative: phase
+                .implied_authority()
+                .expect("Resolved is refused above"),
+            writer_instance: self.writer_instance,
+            writer_epoch: self.writer_epoch,
+            bytes_copied,
+            wall_clock_unix_ns: now_unix_ns(),
+            ..self.record.clone()
+        };
+        self.append(record)
+    }
+
+    fn append(&mut self, record: RecordV1) -> Result<u64> {
+        record
+            .check()
+            .map_err(|why| Error::InvalidInput(why.into()))?;
+        let seq = self.seq + 1;
+        let bytes = payload::encode(&record).map_err(Error::InvalidInput)?;
+        let parent = if record.starts_chain(seq) {
+            0
+        } else {
+            self.content_crc
+        };
+        let slot = (seq % u64::from(SLOTS)) as u8;
+        let frame = Frame::new(
+            Kind::Record,
+            Position::Slot { slot, copy: 0 },
+            self.uuid,
+            seq,
+            parent,
+            bytes,
+        );
+        // J3: the slot we overwrite never holds the newest record.
+        assert_ne!(slot, (self.seq % u64::from(SLOTS)) as u8);
+        // J2: the first failure latches; nothing below runs twice.
+        self.poisoned = true;
+        write_block(&self.storage, &frame)?;
+        sync(&self.storage)?;
+        write_block(&self.storage, &frame.at(Position::Slot { slot, copy: 1 }))?;
+        sync(&self.storage)?;
+        self.poisoned = false;
+        self.seq = seq;
+        self.content_crc = frame.content_crc;
+        self.record = record;
+        Ok(seq)
+    }
+}
+
+/// Rewrites damaged copies from their intact twins (J5). `backup` receives
+/// the whole journal image first and must store it durably; if it fails,
+/// nothing is written. Each rewrite is followed by a sync. Returns the
+/// repairs done.
+pub fn repair<S: Storage>(
+    storage: &S,
+    recovered: &Recovered,
+    backup: impl FnOnce(&[u8]) -> Result<()>,
+) -> Result<Vec<Repair>> {
+    if recovered.repairs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut image = vec![0u8; JOURNAL_LEN as usize];
+    for position in Position::all() {
+        let range = position.offset() as usize..position.offset() as usize + BLOCK_SIZE;
+        // An unreadable block is backed up as zeros; it is being replaced.
+        let _ = storage.read_at(position.offset(), &mut image[range]);
+    }
+    backup(&image)?;
+    for repair in &recovered.repairs {
+        let offset = repair.source.offset() as usize;
+        let frame = format::decode(&image[offset..offset + BLOCK_SIZE])
+            .map_err(|d| Error::Corrupt(format!("repair source {} changed: {d}", repair.source)))?;
+        write_block(storage, &frame.at(repair.target))?;
+        sync(storage)?;
+    }
+    Ok(recovered.repairs.clone())
+}
+
+/// The operator's way out of a refusal: writes a `Resolved` record naming
+/// `authority`, numbered above every sequence number seen, then turns every
+/// other slot into an empty slot, so the next recovery returns it. Job and
+/// image facts come from the newest readable record.
+/// `backup` receives the journal image first.
+pub fn resolve<S: Storage>(
+    storage: &S,
+    analysis: &Analysis,
+    authority: Side,
+    backup: impl FnOnce(&[u8]) -> Result<()>,
+) -> Result<u64> {
+    let uuid = analysis
+        .uuid
+        .ok_or_else(|| Error::Corrupt("no valid block names the journal".into()))?;
+    let identity = analysis.newest_readable.as_ref().ok_or_else(|| {
+        Error::Corrupt("no readable record says which images the job used".into())
+    })?;
+    let seq = analysis.max_seq_seen.map_or(1, |s| s + 1);
+    let mut image = vec![0u8; JOURNAL_LEN as usize];
+    for position in Position::all() {
+        let range = position.offset() as usize..position.offset() as usize + BLOCK_SIZE;
+        let _ = storage.read_at(position.offset(), &mut image[range]);
+    }
+    backup(&image)?;
+    let mut instance = [0u8; 16];
+    crate::random_bytes(&mut instance);
+    let record = RecordV1 {
+        phase: Phase::Resolved,
+        authoritative: authority,
+        writer_instance: instance,
+        writer_epoch: identity.writer_epoch + 1,
+        wall_clock_unix_ns: now_unix_ns(),
+        ..identity.clone()
+    };
+    record
+        .check()
+        .map_err(|why| Error::InvalidInput(why.into()))?;
+    let bytes = payload::encode(&record).map_err(Error::InvalidInput)?;
+    let slot = (seq % u64::from(SLOTS)) as u8;
+    // The resolution first, both copies; only then erase what it supersedes,
+    // so a crash in between leaves the resolution or the old state, never less.
+    let frame = Frame::new(
+        Kind::Record,
+        Position::Slot { slot, copy: 0 },
+        uuid,
+        seq,
+        0,
+        bytes,
+    );
+    for copy in 0..2 {
+        write_block(storage, &frame.at(Position::Slot { slot, copy }))?;
+        sync(storage)?;
+    }
+    let header = HeaderV1::new(record.job_id, now_unix_ns());
+    let header_bytes = payload::encode(&header).map_err(Error::InvalidInput)?;
+    for position in Position::all() {
+        let frame = match position {
+            Position::Slot { slot: s, .. } if s == slot => continue,
+            Position::Header { .. } => {
+                Frame::new(Kind::Header, position, uuid, 0, 0, header_bytes.clone())
+            }
+            Position::Slot { .. } => Frame::new(Kind::EmptySlot, position, uuid, 0, 0, Vec::new()),
+        };
+        write_block(storage, &frame)?;
+        sync(storage)?;
+    }
+    debug_assert_eq!(BLOCK_COUNT, Position::all().count());
+    Ok(seq)
+}
+
+/// A journal file opened for recovery: its storage, the lock state, and the
+/// analysis of its contents.
+#[derive(Debug)]
+pub struct OpenedFile {
+    /// The file.
+    pub storage: FileStorage,
+    /// Whether we hold the lock.
+    pub lock: LockState,
+    /// What recovery found.
+    pub analysis: Analysis,
+}
+
+/// Opens the journal at `path` as recovery must (no symlinks, lock, sync the
+/// file and directory before reading) and analyses it.
+pub fn open_file(path: &Path, access: JournalAccess) -> Result<OpenedFile> {
+    let (storage, lock) = FileStorage::open_journal(path, access)?;
+    let analysis = analyse(&storage)?;
+    Ok(OpenedFile {
+        storage,
+        lock,
+        analysis,
+    })
+}
+
+/// Creates the journal file at `path` with `first` as record 0. The file
+/// appears complete or not at all; an existing file is never replaced.
+pub fn create_file(path: &Path, first: RecordV1) -> Result<Journal<FileStorage>> {
+    let mut uuid = [0u8; 16];
+    crate::random_bytes(&mut uuid);
+    let mut journal = None;
+    let storage = crate::storage::create_new_file_atomically(path, |s| {
+        s.set_len(JOURNAL_LEN)
+            .map_err(|e| Error::io_at("set_len", s.path(), e))?;
+        // Format through a borrowed view; the storage moves out below.
+        let formatted = Journal::format(s, uuid, first.clone())?;
+        journal = Some((
+            formatted.seq,
+            formatted.content_crc,
+            formatted.record.clone(),
+        ));
+        Ok(())
+    })?;
+    let (seq, content_crc, record) = journal.expect("fill ran");
+    Ok(Journal {
+        storage,
+        uuid,
+        seq,
+        content_crc,
+        writer_instance: record.writer_instance,
+        writer_epoch: record.writer_epoch,
+        record,
+        poisoned: false,
+    })
+}

@@ -1,0 +1,349 @@
+//! [`Storage`] over real files and block devices, and the few file-system
+//! operations the journal needs around it (exclusive creation, locking,
+//! directory syncs, backups).
+//!
+//! Rules kept here, each from a known durability bug:
+//! - a failed `fdatasync` is returned once and never retried by this layer
+//!   (PostgreSQL "fsyncgate": the kernel may have dropped the dirty pages);
+//! - the journal is opened with `O_NOFOLLOW` and locked with `flock`, which is
+//!   tied to the open file description and released when the process dies;
+//! - a created file becomes visible only through `renameat2(NOREPLACE)` after
+//!   its data is synced, and the directory is synced after the rename.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom};
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{self as rfs, FallocateFlags, FlockOperation, Mode, OFlags, RenameFlags};
+
+use super::Storage;
+use crate::error::{Error, Result};
+
+/// A regular file or block device behind the [`Storage`] trait.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    is_block_device: bool,
+}
+
+/// What `stat` said about an image when a job started. Recorded in the journal
+/// so that recovery can tell when a path now names a different file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageIdentity {
+    /// Absolute path, symlinks resolved.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// `st_dev` of the file.
+    pub device: u64,
+    /// `st_ino` of the file.
+    pub inode: u64,
+}
+
+/// How the journal file is to be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalAccess {
+    /// Read-write with an exclusive lock: refuses when another process holds it.
+    Exclusive,
+    /// Read-only for inspection: goes on without the lock if it is held.
+    Inspect,
+}
+
+/// Whether the journal lock was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockState {
+    /// We hold the exclusive lock.
+    Held,
+    /// Another process holds it; what we read may change under us.
+    HeldElsewhere,
+}
+
+fn to_io(e: rustix::io::Errno) -> io::Error {
+    io::Error::from(e)
+}
+
+impl FileStorage {
+    /// Opens an image (following symlinks: images often live behind
+    /// `/dev/disk/by-id` links) for reading, or reading and writing.
+    pub fn open_image(path: &Path, writable: bool) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io_at("open", path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io_at("stat", path, e))?;
+        let is_block_device = meta.file_type().is_block_device();
+        if !meta.is_file() && !is_block_device {
+            return Err(Error::InvalidInput(format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            )));
+        }
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            is_block_device,
+        })
+    }
+
+    /// Opens a journal without following symlinks, checks it is a regular
+    /// file, takes (or, for inspection, tries) the exclusive lock, and syncs
+    /// the file and its directory so that nothing read afterwards can be a
+    /// page-cache leftover of a crashed writer that a power cut would undo.
+    pub fn open_journal(path: &Path, access: JournalAccess) -> Result<(Self, LockState)> {
+        let flags = match access {
+            JournalAccess::Exclusive => OFlags::RDWR,
+            JournalAccess::Inspect => OFlags::RDONLY,
+        } | OFlags::CLOEXEC
+            | OFlags::NOFOLLOW;
+        let fd = rfs::openat(rfs::CWD, path, flags, Mode::empty()).map_err(|e| {
+            if e == rustix::io::Errno::LOOP {
+                Error::InvalidInput(format!(
+                    "{} is a symbolic link; a journal path must name the file itself",
+                    path.display()
+                ))
+            } else {
+                Error::io_at("open", path, to_io(e))
+            }
+        })?;
+        let file = File::from(fd);
+        let meta = file.metadata().map_err(|e| Error::io_at("stat", path, e))?;
+        if !meta.is_file() {
+            return Err(Error::InvalidInput(format!(
+                "{} is not a regular file",
+                path.display()
+            )));
+        }
+        let lock = match rfs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => LockState::Held,
+            Err(rustix::io::Errno::WOULDBLOCK) => match access {
+                JournalAccess::Exclusive => return Err(Error::Locked(path.to_path_buf())),
+                JournalAccess::Inspect => LockState::HeldElsewhere,
+            },
+            Err(e) => return Err(Error::io_at("flock", path, to_io(e))),
+        };
+        // fsync works on a read-only descriptor too.
+        rfs::fsync(&file).map_err(|e| Error::io_at("fsync", path, to_io(e)))?;
+        sync_parent(path)?;
+        Ok((
+            FileStorage {
+                file,
+                path: path.to_path_buf(),
+                is_block_device: false,
+            },
+            lock,
+        ))
+    }
+
+    /// The path this storage was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads `stat` facts for the journal's record of the image.
+    pub fn identity(&self) -> Result<ImageIdentity> {
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io_at("stat", &self.path, e))?;
+        let path = std::fs::canonicalize(&self.path)
+            .map_err(|e| Error::io_at("realpath", &self.path, e))?;
+        let size = self
+            .len()
+            .map_err(|e| Error::io_at("size", &self.path, e))?;
+        Ok(ImageIdentity {
+            path,
+            size,
+            device: meta.dev(),
+            inode: meta.ino(),
+        })
+    }
+}
+
+/// Reads `stat` facts about the file at `path` without opening it for I/O.
+/// `None` when the path does not exist.
+pub fn stat_identity(path: &Path) -> Result<Option<ImageIdentity>> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(Some(FileStorage::open_image(path, false)?.identity()?)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io_at("stat", path, e)),
+    }
+}
+
+impl Storage for FileStorage {
+    fn len(&self) -> io::Result<u64> {
+        if self.is_block_device {
+            // st_size is 0 for block devices; seeking to the end asks the driver.
+            // The position is shared but unused: all I/O is positioned.
+            (&self.file).seek(SeekFrom::End(0))
+        } else {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        rfs::fdatasync(&self.file).map_err(to_io)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match rfs::fallocate(&self.file, flags, offset, len) {
+            Ok(()) => Ok(()),
+            // Block devices and some file systems cannot punch: write zeros.
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NODEV) => {
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(zeros.len() as u64);
+                    self.file
+                        .write_all_at(&zeros[..n as usize], offset + done)?;
+                    done += n;
+                }
+                Ok(())
+            }
+            Err(e) => Err(to_io(e)),
+        }
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        let len = self.len()?;
+        if offset >= len {
+            return Ok(None);
+        }
+        if self.is_block_device {
+            return Ok(Some(offset..len));
+        }
+        let start = match rfs::seek(&self.file, rfs::SeekFrom::Data(offset)) {
+            Ok(start) => start,
+            Err(rustix::io::Errno::NXIO) => return Ok(None),
+            // No SEEK_DATA support: everything is data.
+            Err(rustix::io::Errno::INVAL) => return Ok(Some(offset..len)),
+            Err(e) => return Err(to_io(e)),
+        };
+        let end = match rfs::seek(&self.file, rfs::SeekFrom::Hole(start)) {
+            Ok(end) => end,
+            Err(rustix::io::Errno::NXIO) => len,
+            Err(e) => return Err(to_io(e)),
+        };
+        Ok(Some(start..end.min(len)))
+    }
+}
+
+fn random_suffix() -> String {
+    let mut bytes = [0u8; 8];
+    crate::random_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn split_path(path: &Path) -> Result<(PathBuf, OsString)> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidInput(format!("{} names no file", path.display())))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((parent, name.to_os_string()))
+}
+
+/// fsyncs the directory holding `path`, so that a create or rename in it
+/// survives power loss.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    let (dir, _) = split_path(path)?;
+    let fd = rfs::openat(
+        rfs::CWD,
+        &dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io_at("open directory", &dir, to_io(e)))?;
+    rfs::fsync(&fd).map_err(|e| Error::io_at("fsync directory", &dir, to_io(e)))
+}
+
+/// Creates `path` so that it appears complete or not at all: a temporary file
+/// in the same directory (exclusive, mode 0600, no symlink followed) is
+/// filled by `fill`, fsynced, locked, renamed to `path` without replacing
+/// anything that is there, and the directory is fsynced. Returns the storage,
+/// still locked.
+pub fn create_new_file_atomically(
+    path: &Path,
+    fill: impl FnOnce(&FileStorage) -> Result<()>,
+) -> Result<FileStorage> {
+    let (dir, name) = split_path(path)?;
+    let mut temp_name = OsString::from(".");
+    temp_name.push(&name);
+    temp_name.push(format!(".tmp.{}", random_suffix()));
+    let temp_path = dir.join(&temp_name);
+    let fd = rfs::openat(
+        rfs::CWD,
+        &temp_path,
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| Error::io_at("create", &temp_path, to_io(e)))?;
+    let storage = FileStorage {
+        file: File::from(fd),
+        path: temp_path.clone(),
+        is_block_device: false,
+    };
+    let result = (|| {
+        rfs::flock(&storage.file, FlockOperation::NonBlockingLockExclusive)
+            .map_err(|e| Error::io_at("flock", &temp_path, to_io(e)))?;
+        fill(&storage)?;
+        rfs::fsync(&storage.file).map_err(|e| Error::io_at("fsync", &temp_path, to_io(e)))?;
+        rfs::renameat_with(rfs::CWD, &temp_path, rfs::CWD, path, RenameFlags::NOREPLACE).map_err(
+            |e| {
+                if e == rustix::io::Errno::EXIST {
+                    Error::InvalidInput(format!("{} already exists", path.display()))
+                } else {
+                    Error::io_at("rename", path, to_io(e))
+                }
+            },
+        )?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        // Best effort: a leftover temporary file is harmless but untidy.
+        let _ = std::fs::remove_file(&temp_path);
+        return Err(e);
+    }
+    sync_parent(path)?;
+    Ok(FileStorage {
+        path: path.to_path_buf(),
+        ..storage
+    })
+}
+
+/// Writes `bytes` to a new file beside `path` named `<name>.broken.<ns>`,
+/// durably, before a repair touches the original. Returns the backup's path.
+pub fn write_backup_copy(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut name = path.as_os_str().to_os_string();
+    name.push(format!(".broken.{stamp}"));
+    let backup = PathBuf::from(name);
+    let created = create_new_file_atomically(&backup, |s| {
+        s.write_at(0, bytes)
+            .map_err(|e| Error::io_at("write", s.path(), e))
+    })?;
+    drop(created);
+    Ok(backup)
+}

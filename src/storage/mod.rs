@@ -1,0 +1,103 @@
+//! The storage boundary: the only door between this crate and the disk.
+//!
+//! Everything above this module (the journal, recovery, the copy engine) sees
+//! a [`Storage`]: positioned reads and writes, a data sync, a length, and the
+//! two sparse-file operations the copy needs. [`FileStorage`] implements it
+//! over regular files and block devices; [`SimDisk`] implements it in memory
+//! with a durable image, the writes pending since the last sync, and every
+//! crash and media fault the journal must survive. Architecture invariant:
+//! no other module opens, reads, writes or syncs a file.
+
+mod file;
+mod sim;
+
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
+
+pub use file::{
+    FileStorage, ImageIdentity, JournalAccess, LockState, create_new_file_atomically,
+    stat_identity, sync_parent, write_backup_copy,
+};
+pub use sim::{PendingWrite, SECTOR_SIZE, SectorFate, SimDisk, WriteFate};
+
+/// A block of bytes addressed by offset.
+///
+/// Contracts, each of which the simulated disk enforces:
+/// - `read_at` fills the whole buffer or fails (`UnexpectedEof` past the end).
+/// - `write_at` writes the whole buffer or fails; after a failure the bytes in
+///   the range are unspecified. The write is durable only after `sync_data`.
+/// - `sync_data` makes every write that returned before it durable. If it
+///   fails, the caller must assume any of those writes may or may not be
+///   durable, and must not call it again expecting a different answer.
+/// - `punch_hole` makes the range read as zeros, deallocating it where the
+///   medium can.
+pub trait Storage: Send + Sync {
+    /// Size in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes all of `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// fdatasync: makes every completed write durable.
+    fn sync_data(&self) -> io::Result<()>;
+    /// Changes the size; new bytes read as zeros.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeros, freeing them if possible.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// The first range at or after `offset` that may hold data, or `None` when
+    /// the rest is a hole. A storage without sparse knowledge reports
+    /// everything as data.
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        let len = self.len()?;
+        Ok((offset < len).then_some(offset..len))
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for Arc<S> {
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        (**self).write_at(offset, data)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        (**self).sync_data()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        (**self).next_data(offset)
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for &S {
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        (**self).write_at(offset, data)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        (**self).sync_data()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        (**self).next_data(offset)
+    }
+}

@@ -1,0 +1,392 @@
+//! A deterministic in-memory disk that can be crashed.
+//!
+//! Model (after SQLite's test6.c and redb's crash backend):
+//!
+//! ```text
+//!   write_at ──► live image (what reads see: the page cache)
+//!            └─► pending list (in order, since the last sync)
+//!   sync_data ─► pending applied to the durable image, list cleared
+//!   process crash ─► live, durable and pending all survive (the kernel lives on)
+//!   power loss    ─► durable + each pending write applied, dropped or torn
+//!                    (per 512-byte sector: old, new or garbage); live := that
+//! ```
+//!
+//! Media faults, armed one at a time: a misdirected write (the data lands at
+//! another offset), a lost write (acknowledged and synced, never reaches the
+//! durable image), bit rot in a durable block, EIO on reads of a range, EIO on
+//! a write (optionally after part of it landed), and EIO on a sync, after
+//! which, as on Linux, the pending pages are marked clean whether or not they
+//! reached the medium.
+//!
+//! Every trait call counts as one operation; `crash_after(n)` kills the
+//! simulated process at call `n`, after which every call fails without effect.
+//! A `SimDisk` is a handle: clones share one disk.
+
+use std::io;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::Storage;
+
+/// The sector size used for tearing writes.
+pub const SECTOR_SIZE: usize = 512;
+
+/// What a power loss does to one pending write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteFate {
+    /// The write reached the medium.
+    Apply,
+    /// The write never reached the medium.
+    Drop,
+    /// Each 512-byte sector of the write independently.
+    Tear(Vec<SectorFate>),
+}
+
+/// What a power loss does to one sector of a torn write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SectorFate {
+    /// The sector keeps its old contents.
+    Old,
+    /// The sector holds the new contents.
+    New,
+    /// The sector holds garbage derived from the seed.
+    Garbage(u8),
+}
+
+/// A write issued since the last successful sync.
+#[derive(Debug, Clone)]
+pub struct PendingWrite {
+    /// Where the write landed (after any misdirection).
+    pub offset: u64,
+    /// The bytes written.
+    pub data: Vec<u8>,
+    /// A lost write: acknowledged, but the medium will never hold it.
+    pub lost: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum WriteFault {
+    Misdirect { to: u64 },
+    Lost,
+    Error { kind: io::ErrorKind, landed: usize },
+}
+
+#[derive(Debug, Clone, Default)]
+struct State {
+    live: Vec<u8>,
+    durable: Vec<u8>,
+    pending: Vec<PendingWrite>,
+    ops: u64,
+    crash_at: Option<u64>,
+    next_write_fault: Option<WriteFault>,
+    /// `Some(persisted)`: the next sync fails; `persisted` says whether the
+    /// pending writes reached the medium anyway.
+    next_sync_fault: Option<bool>,
+    failing_reads: Vec<Range<u64>>,
+    writes_seen: u64,
+    syncs_seen: u64,
+}
+
+/// The simulated disk. See the module documentation.
+#[derive(Debug, Clone, Default)]
+pub struct SimDisk {
+    state: Arc<Mutex<State>>,
+}
+
+fn crashed() -> io::Error {
+    io::Error::other("simulated process crash: the disk is gone")
+}
+
+fn garbage(seed: u8, index: usize) -> u8 {
+    // Deterministic, and unlike any byte pattern a journal block holds.
+    seed.wrapping_mul(151)
+        .wrapping_add(index as u8)
+        .wrapping_mul(29)
+        ^ 0xA5
+}
+
+impl SimDisk {
+    /// A zero-filled disk of `len` bytes, all durable.
+    pub fn new(len: u64) -> Self {
+        Self::from_bytes(vec![0; len as usize])
+    }
+
+    /// A disk whose durable and live contents are `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        let state = State {
+            live: bytes.clone(),
+            durable: bytes,
+            ..State::default()
+        };
+        SimDisk {
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a test failure already; keep going
+        // so the panic that matters is the one reported.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Storage calls made so far.
+    pub fn ops(&self) -> u64 {
+        self.lock().ops
+    }
+
+    /// Successful writes so far.
+    pub fn writes_seen(&self) -> u64 {
+        self.lock().writes_seen
+    }
+
+    /// Successful syncs so far.
+    pub fn syncs_seen(&self) -> u64 {
+        self.lock().syncs_seen
+    }
+
+    /// Kills the simulated process at storage call number `op` (counting from
+    /// 0 over the life of the disk): that call and every later one fail
+    /// without effect.
+    pub fn crash_at(&self, op: u64) {
+        self.lock().crash_at = Some(op);
+    }
+
+    /// Whether the simulated process is dead.
+    pub fn is_crashed(&self) -> bool {
+        let s = self.lock();
+        s.crash_at.is_some_and(|at| s.ops >= at)
+    }
+
+    /// The writes pending since the last sync, oldest first.
+    pub fn pending(&self) -> Vec<PendingWrite> {
+        self.lock().pending.clone()
+    }
+
+    /// What a reader sees now.
+    pub fn live_bytes(&self) -> Vec<u8> {
+        self.lock().live.clone()
+    }
+
+    /// What the medium holds now.
+    pub fn durable_bytes(&self) -> Vec<u8> {
+        self.lock().durable.clone()
+    }
+
+    /// The disk as a restarted process sees it after its predecessor died:
+    /// the page cache survives, so nothing is lost; pending writes stay
+    /// pending until someone syncs.
+    pub fn after_process_crash(&self) -> SimDisk {
+        let s = self.lock();
+        let state = State {
+            live: s.live.clone(),
+            durable: s.durable.clone(),
+            pending: s.pending.clone(),
+            ..State::default()
+        };
+        SimDisk {
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    /// The disk after a power cut: the durable image plus, in order, each
+    /// pending write treated as `fate` decides. Lost writes never land.
+    pub fn after_power_loss(
+        &self,
+        mut fate: impl FnMut(usize, &PendingWrite) -> WriteFate,
+    ) -> SimDisk {
+        let s = self.lock();
+        let mut image = s.durable.clone();
+        for (index, write) in s.pending.iter().enumerate() {
+            let decided = fate(index, write);
+            if write.lost {
+                continue;
+            }
+            let start = write.offset as usize;
+            match decided {
+                WriteFate::Apply => {
+                    image[start..start + write.data.len()].copy_from_slice(&write.data)
+                }
+                WriteFate::Drop => {}
+                WriteFate::Tear(sectors) => {
+                    for (n, chunk) in write.data.chunks(SECTOR_SIZE).enumerate() {
+                        let at = start + n * SECTOR_SIZE;
+                        match sectors.get(n).copied().unwrap_or(SectorFate::Old) {
+                            SectorFate::Old => {}
+                            SectorFate::New => image[at..at + chunk.len()].copy_from_slice(chunk),
+                            SectorFate::Garbage(seed) => {
+                                for (i, byte) in image[at..at + chunk.len()].iter_mut().enumerate()
+                                {
+                                    *byte = garbage(seed, i);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        SimDisk::from_bytes(image)
+    }
+
+    /// Flips one bit of the medium (and of the cache: the page was evicted
+    /// and re-read).
+    pub fn rot(&self, offset: u64, bit: u8) {
+        let mut s = self.lock();
+        let at = offset as usize;
+        s.durable[at] ^= 1 << (bit % 8);
+        s.live[at] ^= 1 << (bit % 8);
+    }
+
+    /// Overwrites bytes of the medium and the cache directly, as foreign
+    /// corruption would. Does not count as an operation.
+    pub fn scribble(&self, offset: u64, bytes: &[u8]) {
+        let mut s = self.lock();
+        let at = offset as usize;
+        s.durable[at..at + bytes.len()].copy_from_slice(bytes);
+        s.live[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// The next write lands at `to` instead of where it was aimed.
+    pub fn misdirect_next_write(&self, to: u64) {
+        self.lock().next_write_fault = Some(WriteFault::Misdirect { to });
+    }
+
+    /// The next write succeeds, is seen by reads, and never reaches the medium.
+    pub fn lose_next_write(&self) {
+        self.lock().next_write_fault = Some(WriteFault::Lost);
+    }
+
+    /// The next write fails with `kind` after its first `landed` bytes were
+    /// written (a short write when `landed > 0`).
+    pub fn fail_next_write(&self, kind: io::ErrorKind, landed: usize) {
+        self.lock().next_write_fault = Some(WriteFault::Error { kind, landed });
+    }
+
+    /// The next sync fails with EIO. `persisted` says whether the pending
+    /// writes reached the medium anyway; either way they are no longer
+    /// pending, so a later sync succeeds without writing them (Linux).
+    pub fn fail_next_sync(&self, persisted: bool) {
+        self.lock().next_sync_fault = Some(persisted);
+    }
+
+    /// Reads touching `range` fail with EIO from now on.
+    pub fn fail_reads(&self, range: Range<u64>) {
+        self.lock().failing_reads.push(range);
+    }
+
+    fn begin(&self) -> io::Result<MutexGuard<'_, State>> {
+        let mut s = self.lock();
+        let op = s.ops;
+        s.ops += 1;
+        if s.crash_at.is_some_and(|at| op >= at) {
+            return Err(crashed());
+        }
+        Ok(s)
+    }
+}
+
+fn check_range(len: usize, offset: u64, count: usize) -> io::Result<usize> {
+    let start =
+        usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+    if start.checked_add(count).is_none_or(|end| end > len) {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "access past the end of the disk",
+        ));
+    }
+    Ok(start)
+}
+
+impl State {
+    fn record_write(&mut self, offset: u64, data: &[u8], lost: bool) {
+        let at = offset as usize;
+        self.live[at..at + data.len()].copy_from_slice(data);
+        self.pending.push(PendingWrite {
+            offset,
+            data: data.to_vec(),
+            lost,
+        });
+    }
+}
+
+impl Storage for SimDisk {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.begin()?.live.len() as u64)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let s = self.begin()?;
+        let start = check_range(s.live.len(), offset, buf.len())?;
+        let end = offset + buf.len() as u64;
+        if s.failing_reads
+            .iter()
+            .any(|r| r.start < end && offset < r.end)
+        {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        buf.copy_from_slice(&s.live[start..start + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut s = self.begin()?;
+        check_range(s.live.len(), offset, data.len())?;
+        match s.next_write_fault.take() {
+            None => s.record_write(offset, data, false),
+            Some(WriteFault::Lost) => s.record_write(offset, data, true),
+            Some(WriteFault::Misdirect { to }) => {
+                check_range(s.live.len(), to, data.len())?;
+                s.record_write(to, data, false);
+            }
+            Some(WriteFault::Error { kind, landed }) => {
+                let landed = landed.min(data.len());
+                if landed > 0 {
+                    s.record_write(offset, &data[..landed], false);
+                }
+                let error = match kind {
+                    io::ErrorKind::StorageFull => io::Error::from_raw_os_error(28),
+                    io::ErrorKind::Other => io::Error::from_raw_os_error(5),
+                    other => io::Error::from(other),
+                };
+                return Err(error);
+            }
+        }
+        s.writes_seen += 1;
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let mut s = self.begin()?;
+        let pending = std::mem::take(&mut s.pending);
+        let fault = s.next_sync_fault.take();
+        if fault != Some(false) {
+            for write in pending.iter().filter(|w| !w.lost) {
+                let at = write.offset as usize;
+                s.durable[at..at + write.data.len()].copy_from_slice(&write.data);
+            }
+        }
+        if fault.is_some() {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        s.syncs_seen += 1;
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        // Size changes are modelled as immediately durable; the journal never
+        // changes its size after creation, so nothing relies on this.
+        let mut s = self.begin()?;
+        s.live.resize(len as usize, 0);
+        s.durable.resize(len as usize, 0);
+        s.pending.retain(|w| w.offset + w.data.len() as u64 <= len);
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; len as usize];
+        let mut s = self.begin()?;
+        check_range(s.live.len(), offset, zeros.len())?;
+        s.record_write(offset, &zeros, false);
+        s.writes_seen += 1;
+        Ok(())
+    }
+}
