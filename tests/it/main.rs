@@ -1,1 +1,11 @@
-//! The integration tests: one binary.
+//! The integration tests, in one binary.
+
+mod cli;
+mod crash;
+mod fuzz_corpus;
+mod golden;
+mod model;
+mod recovery_table;
+mod sim;
+mod support;
+mod tidy;

@@ -1,0 +1,73 @@
+//! Helpers shared by the tests: records, journals in a given phase.
+
+use livecopy::journal::{ImageRecord, Journal, Phase, RecordV1, Side};
+use livecopy::storage::{SimDisk, Storage};
+
+/// The job id every test record uses.
+pub const JOB_ID: [u8; 16] = *b"test-job-0000001";
+/// The journal UUID every simulated test journal uses.
+pub const UUID: [u8; 16] = *b"test-journal-id1";
+
+/// Record 0 of a job copying `source` to `destination`.
+pub fn first_record_for(source: &str, destination: &str) -> RecordV1 {
+    RecordV1 {
+        job_id: JOB_ID,
+        phase: Phase::Copying,
+        authoritative: Side::Source,
+        source: ImageRecord {
+            path: source.into(),
+            size: 1 << 20,
+            device: 2049,
+            inode: 11,
+        },
+        destination: ImageRecord {
+            path: destination.into(),
+            size: 1 << 20,
+            device: 2049,
+            inode: 12,
+        },
+        writer_instance: *b"writer-instance1",
+        writer_epoch: 1,
+        bytes_copied: 0,
+        wall_clock_unix_ns: 1_700_000_000_000_000_000,
+    }
+}
+
+/// Record 0 with fixed example paths.
+pub fn first_record() -> RecordV1 {
+    first_record_for("/images/source.raw", "/images/destination.raw")
+}
+
+/// The phases a job passes through to reach `phase`, in order, excluding
+/// the initial Copying.
+pub fn path_to(phase: Phase) -> Vec<Phase> {
+    match phase {
+        Phase::Copying => vec![],
+        Phase::Ready => vec![Phase::Ready],
+        Phase::Switched => vec![Phase::Ready, Phase::Switched],
+        Phase::Completed => vec![Phase::Ready, Phase::Switched, Phase::Completed],
+        Phase::Aborted => vec![Phase::Aborted],
+        Phase::Resolved => panic!("Resolved is reached through resolve, not commit"),
+    }
+}
+
+/// A simulated journal advanced to `phase`.
+pub fn sim_journal(phase: Phase) -> (SimDisk, Journal<SimDisk>) {
+    let disk = SimDisk::new(livecopy::journal::format::JOURNAL_LEN);
+    let mut journal = Journal::format(disk.clone(), UUID, first_record()).expect("format");
+    for (i, next) in path_to(phase).into_iter().enumerate() {
+        journal.commit(next, (i as u64 + 1) * 4096).expect("commit");
+    }
+    (disk, journal)
+}
+
+/// Recovery's verdict on `storage`: (seq, phase, side) or the refusal reason.
+pub fn verdict<S: Storage>(
+    storage: &S,
+) -> Result<(u64, Phase, Side), livecopy::journal::RefusalReason> {
+    let analysis = livecopy::journal::analyse(storage).expect("analyse reads");
+    analysis
+        .outcome
+        .map(|r| (r.seq, r.record.phase, r.record.authoritative))
+        .map_err(|refusal| refusal.reason)
+}
