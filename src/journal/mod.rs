@@ -93,7 +93,20 @@ pub fn read_blocks<S: Storage>(storage: &S) -> Result<Option<Vec<Result<Vec<u8>,
 pub fn analyse<S: Storage>(storage: &S) -> Result<Analysis> {
     let len = storage.len().map_err(|e| Error::io("journal size", e))?;
     Ok(match read_blocks(storage)? {
-        Some(blocks) => recovery::analyse(&blocks),
+        Some(blocks) => {
+            // One unreadable block is evidence; all of them is a failed device.
+            if let Some(Err(first)) = blocks
+                .iter()
+                .find(|b| b.is_err())
+                .filter(|_| blocks.iter().all(|b| b.is_err()))
+            {
+                return Err(Error::io(
+                    "journal read",
+                    std::io::Error::other(first.clone()),
+                ));
+            }
+            recovery::analyse(&blocks)
+        }
         None => recovery::truncated(len),
     })
 }
@@ -206,11 +219,8 @@ impl<S: Storage> Journal<S> {
             return Err(Error::Poisoned { what: "journal" });
         }
         let previous = self.record.phase;
-        let same_writer = self.record.writer_instance == self.writer_instance;
-        if !previous.may_precede(phase)
-            || phase == Phase::Resolved
-            || (phase == previous && same_writer)
-        {
+        let restart = self.record.writer_instance != self.writer_instance;
+        if !previous.may_precede(phase, restart) || phase == Phase::Resolved {
             return Err(Error::InvalidInput(format!(
                 "no transition from {} to {}",
                 previous.name(),

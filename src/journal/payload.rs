@@ -54,18 +54,21 @@ impl Phase {
     }
 
     /// Whether a record of phase `next` may follow one of phase `self`.
-    /// A phase may follow itself only when a new writer epoch restarts the job
-    /// (checked by the caller); `Resolved` follows anything but is written
-    /// only by an operator and starts a new chain.
-    pub fn may_precede(self, next: Phase) -> bool {
+    /// `restart` says the next record comes from a new writer (an engine
+    /// restarted after a crash), which must also carry a higher epoch.
+    /// A restarted writer may re-enter Copying (the copy starts over) or
+    /// re-assert Switched; `Resolved` follows anything but is written only
+    /// by an operator and starts a new chain.
+    pub fn may_precede(self, next: Phase, restart: bool) -> bool {
         use Phase::*;
-        matches!(
-            (self, next),
-            (Copying, Copying | Ready | Aborted)
-                | (Ready, Copying | Ready | Switched | Aborted)
-                | (Switched, Switched | Completed)
-                | (_, Resolved)
-        )
+        match (self, next) {
+            (_, Resolved) => true,
+            (Copying, Ready | Aborted) | (Ready, Switched | Aborted) | (Switched, Completed) => {
+                true
+            }
+            (Copying | Ready, Copying) | (Switched, Switched) => restart,
+            _ => false,
+        }
     }
 
     /// Lower-case name used in CLI output.

@@ -27,7 +27,7 @@ use super::format::{self, BLOCK_COUNT, BLOCK_SIZE, Defect, Frame, Kind, Position
 use super::payload::{self, HeaderV1, Phase, RecordV1};
 
 /// How a block was classified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Class {
     /// A well-formed block of this journal, at the position it names.
     Valid,
@@ -271,7 +271,7 @@ use Decision::{Refuse, Return};
 use RefusalReason::{Corrupt, NeedsOperator, Unsupported, WrongJournal};
 
 /// The decision table. Rows are tried in order; the first match decides.
-pub const TABLE: &[Row] = &[
+pub static TABLE: &[Row] = &[
     Row {
         label: "newer-format",
         unsupported: &[true],
@@ -795,8 +795,8 @@ pub fn links(
         && child.job_id == parent.job_id
         && child.source == parent.source
         && child.destination == parent.destination
-        && parent.phase.may_precede(child.phase)
-        && if restart || child.phase == parent.phase {
+        && parent.phase.may_precede(child.phase, restart)
+        && if restart {
             child.writer_epoch > parent.writer_epoch
         } else {
             child.writer_epoch == parent.writer_epoch
