@@ -20,7 +20,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// A storage call failed. `op` names the call, `path` the file when known.
-    #[error("{op} failed{}: {source}", path_suffix(path))]
+    // The cause is the source, not part of this message, so that a chain
+    // printer (anyhow's `{:#}`) does not repeat it.
+    #[error("{op} failed{}", path_suffix(path))]
     Io {
         /// The storage operation that failed (e.g. "fdatasync").
         op: &'static str,
@@ -94,6 +96,18 @@ impl Error {
             path: Some(path.into()),
             source,
         }
+    }
+
+    /// The message with every cause appended, for logs and event reasons.
+    pub fn describe(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        text
     }
 
     /// The coarse kind of this error.

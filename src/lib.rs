@@ -18,7 +18,10 @@
 //! 3. A failed fsync/fdatasync is fatal for that file; never retried.
 //! 4. Only `storage` opens, reads, writes or syncs files.
 
+pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod journal;
 pub mod storage;
 

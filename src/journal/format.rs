@@ -374,6 +374,9 @@ pub fn decode(block: &[u8]) -> Result<Frame, Defect> {
     if kind == Kind::Record && seq % u64::from(SLOTS) != u64::from(slot) {
         return Err(Defect::Field("sequence number does not belong in its slot"));
     }
+    if kind == Kind::EmptySlot && payload_len != 0 {
+        return Err(Defect::Field("payload of an empty slot"));
+    }
     if kind != Kind::Record && (seq != 0 || get_u32(block, PARENT_CRC_OFFSET) != 0) {
         return Err(Defect::Field("sequence fields of a non-record block"));
     }

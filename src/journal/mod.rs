@@ -17,11 +17,12 @@
 //!
 //! ```text
 //!          format (rename)          commit            commit
-//!   (none) ───────────────► Copying ──────► Ready ─────────► Switched ──► Completed
-//!                              │  ▲          │ │                │ ▲
-//!                              │  └──────────┘ └──► Aborted     └─┘ (restart, new epoch)
-//!                              └──────────────────► Aborted
-//!   any ── copyctl resolve ──► Resolved (starts a new chain)
+//!   (none) ---------------> Copying ------> Ready ---------> Switched --> Completed
+//!                              |  ^          | |                | ^
+//!                              |  `----------' `--> Aborted     `-' (restart, new epoch)
+//!                              `------------------> Aborted
+//!   restart (new writer, higher epoch): Copying|Ready --> Copying, Switched --> Switched
+//!   any -- copyctl resolve --> Resolved (terminal; starts a new chain: no parent)
 //! ```
 
 pub mod format;
@@ -32,7 +33,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, JournalAccess, LockState, Storage};
-use format::{BLOCK_COUNT, BLOCK_SIZE, Frame, JOURNAL_LEN, Kind, Position, SLOTS};
+use format::{BLOCK_SIZE, Frame, JOURNAL_LEN, Kind, Position, SLOTS};
 pub use payload::{HeaderV1, ImageRecord, Phase, RecordV1, Side};
 pub use recovery::{Analysis, BlockReport, Class, Recovered, Refusal, RefusalReason, Repair};
 
@@ -69,8 +70,11 @@ fn sync<S: Storage>(storage: &S) -> Result<()> {
         .map_err(|e| Error::io("journal fdatasync", e))
 }
 
+/// One block as read: its bytes, or the read error's text.
+pub type BlockRead = std::result::Result<Vec<u8>, String>;
+
 /// Reads the ten blocks of a journal, each as bytes or the read error.
-pub fn read_blocks<S: Storage>(storage: &S) -> Result<Option<Vec<Result<Vec<u8>, String>>>> {
+pub fn read_blocks<S: Storage>(storage: &S) -> Result<Option<Vec<BlockRead>>> {
     let len = storage.len().map_err(|e| Error::io("journal size", e))?;
     if len != JOURNAL_LEN {
         return Ok(None);
@@ -345,8 +349,11 @@ pub fn resolve<S: Storage>(
         .map_err(|why| Error::InvalidInput(why.into()))?;
     let bytes = payload::encode(&record).map_err(Error::InvalidInput)?;
     let slot = (seq % u64::from(SLOTS)) as u8;
-    // The resolution first, both copies; only then erase what it supersedes,
-    // so a crash in between leaves the resolution or the old state, never less.
+    // The resolution first, both copies. Then the slot after it, so that a
+    // crash from here on finds an intact successor and returns the
+    // resolution; then the rest. The headers keep their old contents where
+    // one is readable, so a crash between the two never leaves them
+    // disagreeing.
     let frame = Frame::new(
         Kind::Record,
         Position::Slot { slot, copy: 0 },
@@ -359,11 +366,23 @@ pub fn resolve<S: Storage>(
         write_block(storage, &frame.at(Position::Slot { slot, copy }))?;
         sync(storage)?;
     }
-    let header = HeaderV1::new(record.job_id, now_unix_ns());
+    let header = analysis
+        .header
+        .clone()
+        .unwrap_or_else(|| HeaderV1::new(record.job_id, now_unix_ns()));
     let header_bytes = payload::encode(&header).map_err(Error::InvalidInput)?;
-    for position in Position::all() {
+    let successor = (slot + 1) % SLOTS;
+    let order = [successor, (slot + 2) % SLOTS, (slot + 3) % SLOTS]
+        .into_iter()
+        .flat_map(|s| {
+            [
+                Position::Slot { slot: s, copy: 0 },
+                Position::Slot { slot: s, copy: 1 },
+            ]
+        })
+        .chain([Position::Header { copy: 0 }, Position::Header { copy: 1 }]);
+    for position in order {
         let frame = match position {
-            Position::Slot { slot: s, .. } if s == slot => continue,
             Position::Header { .. } => {
                 Frame::new(Kind::Header, position, uuid, 0, 0, header_bytes.clone())
             }
@@ -372,7 +391,6 @@ pub fn resolve<S: Storage>(
         write_block(storage, &frame)?;
         sync(storage)?;
     }
-    debug_assert_eq!(BLOCK_COUNT, Position::all().count());
     Ok(seq)
 }
 

@@ -223,10 +223,10 @@ impl RecordV1 {
     /// The invariants every record satisfies, checked before writing and
     /// after reading.
     pub fn check(&self) -> Result<(), &'static str> {
-        if let Some(side) = self.phase.implied_authority() {
-            if side != self.authoritative {
-                return Err("authoritative side contradicts the phase");
-            }
+        if let Some(side) = self.phase.implied_authority()
+            && side != self.authoritative
+        {
+            return Err("authoritative side contradicts the phase");
         }
         for image in [&self.source, &self.destination] {
             if !image.path.starts_with('/') {

@@ -32,7 +32,8 @@ pub enum Class {
     /// A well-formed block of this journal, at the position it names.
     Valid,
     /// A well-formed block of this journal found at another position than
-    /// the one it names: a misdirected write. Never used, only reported.
+    /// the one it names: a misdirected write. A misplaced record still
+    /// counts as a copy of that record; its location counts as damaged.
     Misplaced,
     /// A well-formed block of another journal.
     Foreign,
@@ -184,8 +185,6 @@ pub struct Evidence {
     pub newest: Newest,
     /// Two valid blocks with one sequence number and different contents.
     pub fork: bool,
-    /// A misplaced record newer than S+1.
-    pub stray_ahead: bool,
     /// The slot after the newest record.
     pub successor: Successor,
     /// The link to the parent.
@@ -225,8 +224,6 @@ pub struct Row {
     pub newest: Pat<Newest>,
     /// Pattern on [`Evidence::fork`].
     pub fork: Pat<bool>,
-    /// Pattern on [`Evidence::stray_ahead`].
-    pub stray_ahead: Pat<bool>,
     /// Pattern on [`Evidence::successor`].
     pub successor: Pat<Successor>,
     /// Pattern on [`Evidence::parent`].
@@ -246,7 +243,6 @@ impl Row {
             && hit(self.headers, e.headers)
             && hit(self.newest, e.newest)
             && hit(self.fork, e.fork)
-            && hit(self.stray_ahead, e.stray_ahead)
             && hit(self.successor, e.successor)
             && hit(self.parent, e.parent)
     }
@@ -260,7 +256,6 @@ const ANY: Row = Row {
     headers: &[],
     newest: &[],
     fork: &[false],
-    stray_ahead: &[false],
     successor: &[],
     parent: &[],
     decision: Decision::Refuse(RefusalReason::NeedsOperator),
@@ -278,7 +273,6 @@ pub static TABLE: &[Row] = &[
         foreign: &[],
         ours: &[],
         fork: &[],
-        stray_ahead: &[],
         decision: Refuse(Unsupported),
         why: "a block was written by a newer format version or needs an unknown feature",
         ..ANY
@@ -288,7 +282,6 @@ pub static TABLE: &[Row] = &[
         foreign: &[true],
         ours: &[],
         fork: &[],
-        stray_ahead: &[],
         decision: Refuse(WrongJournal),
         why: "a block belongs to another journal: wrong or mixed file",
         ..ANY
@@ -297,7 +290,6 @@ pub static TABLE: &[Row] = &[
         label: "not-a-journal",
         ours: &[false],
         fork: &[],
-        stray_ahead: &[],
         decision: Refuse(Corrupt),
         why: "no block of the file is a valid journal block",
         ..ANY
@@ -306,7 +298,6 @@ pub static TABLE: &[Row] = &[
         label: "headers-disagree",
         headers: &[Headers::Disagree],
         fork: &[],
-        stray_ahead: &[],
         decision: Refuse(NeedsOperator),
         why: "both header copies are valid and differ",
         ..ANY
@@ -316,7 +307,6 @@ pub static TABLE: &[Row] = &[
         headers: &[Headers::Both, Headers::One, Headers::Neither],
         newest: &[Newest::NoRecord],
         fork: &[],
-        stray_ahead: &[],
         decision: Refuse(NeedsOperator),
         why: "the header is there but every copy of every record is damaged",
         ..ANY
@@ -326,19 +316,8 @@ pub static TABLE: &[Row] = &[
         headers: &[Headers::Both, Headers::One, Headers::Neither],
         newest: &[Newest::TwoCopies, Newest::OneCopy],
         fork: &[true],
-        stray_ahead: &[],
         decision: Refuse(NeedsOperator),
         why: "two valid blocks carry one sequence number with different contents: two writers",
-        ..ANY
-    },
-    Row {
-        label: "stray-ahead",
-        headers: &[Headers::Both, Headers::One, Headers::Neither],
-        newest: &[Newest::TwoCopies, Newest::OneCopy],
-        stray_ahead: &[true],
-        decision: Refuse(NeedsOperator),
-        why: "a record newer than the next one turned up at a wrong position: \
-              records in between may have been acknowledged and lost",
         ..ANY
     },
     Row {
@@ -438,6 +417,8 @@ pub struct Analysis {
     pub uuid: Option<[u8; 16]>,
     /// The newest record that decoded at its own position, whatever the verdict.
     pub newest_readable: Option<RecordV1>,
+    /// A valid header's payload, whatever the verdict.
+    pub header: Option<HeaderV1>,
 }
 
 #[derive(Clone)]
@@ -526,6 +507,7 @@ pub fn analyse(blocks: &[Result<Vec<u8>, String>]) -> Analysis {
         .map(|(_, r)| r.clone());
     let evidence = gather(&seen);
     let row = decide(&evidence);
+    let header_for_analysis = header.clone();
     let outcome = match row.decision {
         Refuse(reason) => Err(Refusal {
             reason,
@@ -546,15 +528,16 @@ pub fn analyse(blocks: &[Result<Vec<u8>, String>]) -> Analysis {
         max_seq_seen,
         uuid,
         newest_readable,
+        header: header_for_analysis,
     }
 }
 
 fn refusal_detail(row: &Row, seen: &[Seen]) -> String {
     let mut detail = row.why.to_string();
-    if row.decision == Refuse(Unsupported) {
-        if let Some(s) = seen.iter().find(|s| s.report.class == Class::Unsupported) {
-            detail = format!("{detail} ({} at {})", s.report.detail, s.report.position);
-        }
+    if row.decision == Refuse(Unsupported)
+        && let Some(s) = seen.iter().find(|s| s.report.class == Class::Unsupported)
+    {
+        detail = format!("{detail} ({} at {})", s.report.detail, s.report.position);
     }
     detail
 }
@@ -623,6 +606,9 @@ fn classify(
             Err(e) => seen.report.detail = format!("record payload: {e}"),
             Ok(r) => match r.check() {
                 Err(why) => seen.report.detail = why.into(),
+                Ok(()) if r.starts_chain(frame.seq) && frame.parent_content_crc != 0 => {
+                    seen.report.detail = "a chain start names a parent".into()
+                }
                 Ok(()) => {
                     seen.report.phase = Some(r.phase);
                     seen.record = Some(r);
@@ -639,9 +625,9 @@ fn classify(
     if frame.position != position {
         seen.report.class = Class::Misplaced;
         seen.report.detail = format!("names position {}", frame.position);
-        // Misplaced blocks are evidence only; their contents are never used.
+        // A misdirected record is still that record, written by this
+        // journal's writer: it counts as a copy of it (its position does not).
         seen.header = None;
-        seen.record = None;
         seen.frame = Some(frame);
         return seen;
     }
@@ -659,15 +645,22 @@ fn at(seen: &[Seen], position: Position) -> &Seen {
 }
 
 fn valid_record(s: &Seen) -> Option<(&Frame, &RecordV1)> {
+    any_record(s).filter(|_| s.report.class == Class::Valid)
+}
+
+/// A record block of this journal, at its own position or misdirected.
+fn any_record(s: &Seen) -> Option<(&Frame, &RecordV1)> {
     match (&s.frame, &s.record) {
-        (Some(f), Some(r)) if s.report.class == Class::Valid => Some((f, r)),
+        (Some(f), Some(r)) if matches!(s.report.class, Class::Valid | Class::Misplaced) => {
+            Some((f, r))
+        }
         _ => None,
     }
 }
 
 fn gather(seen: &[Seen]) -> Evidence {
     let class_any = |c: Class| seen.iter().any(|s| s.report.class == c);
-    let records: Vec<(&Frame, &RecordV1)> = seen.iter().filter_map(valid_record).collect();
+    let records: Vec<(&Frame, &RecordV1)> = seen.iter().filter_map(any_record).collect();
     let newest_seq = records.iter().map(|(f, _)| f.seq).max();
 
     let headers: Vec<&Seen> = seen.iter().filter(|s| s.header.is_some()).collect();
@@ -704,7 +697,6 @@ fn gather(seen: &[Seen]) -> Evidence {
             headers,
             newest: Newest::NoRecord,
             fork,
-            stray_ahead: framed.iter().any(|f| f.seq > 0),
             successor: Successor::Intact,
             parent: Parent::ChainStart,
         };
@@ -752,11 +744,7 @@ fn gather(seen: &[Seen]) -> Evidence {
                 },
             )
         });
-        match blocks
-            .iter()
-            .filter_map(|b| valid_record(b))
-            .find(|(f, _)| f.seq == s - 1)
-        {
+        match records.iter().find(|(f, _)| f.seq == s - 1) {
             Some((pf, pr)) if links(pf, pr, newest_frame, newest_record) => Parent::Linked,
             Some(_) => Parent::Broken,
             None if blocks
@@ -776,7 +764,6 @@ fn gather(seen: &[Seen]) -> Evidence {
         headers,
         newest,
         fork,
-        stray_ahead: framed.iter().any(|f| f.seq > s + 1),
         successor,
         parent,
     }
@@ -811,7 +798,7 @@ fn recovered(
 ) -> Recovered {
     let (frame, record) = seen
         .iter()
-        .filter_map(valid_record)
+        .filter_map(any_record)
         .max_by_key(|(f, _)| f.seq)
         .expect("a returnable verdict has a record");
     let mut warnings = Vec::new();
@@ -844,7 +831,7 @@ fn recovered(
         seq: frame.seq,
         content_crc: frame.content_crc,
         record: record.clone(),
-        repairs: repairs(seen),
+        repairs: repairs(seen, frame.seq),
         warnings,
     }
 }
@@ -863,13 +850,41 @@ fn rank(s: &Seen) -> Option<(u8, u64)> {
     }
 }
 
-/// For each pair of copies where one is valid and the other is not the same
-/// block, rewrite the other from it. Never targets the best copy of a pair,
-/// so a repair never destroys the only valid copy of anything.
-fn repairs(seen: &[Seen]) -> Vec<Repair> {
+/// First, both copies of the newest record S are put in place, from wherever
+/// a copy of S is (possibly misdirected, possibly in another slot: hence
+/// first, before any other repair may overwrite it). Then, for each other
+/// pair of copies where one is valid and the other is not the same block,
+/// the other is rewritten from it. A repair never targets the best copy of a
+/// pair, so it never destroys the only valid copy of anything.
+fn repairs(seen: &[Seen], newest: u64) -> Vec<Repair> {
     let mut out = Vec::new();
-    let firsts = std::iter::once(Position::Header { copy: 0 })
-        .chain((0..SLOTS).map(|slot| Position::Slot { slot, copy: 0 }));
+    let newest_slot = slot_of(newest);
+    let copies_of_newest: Vec<Position> = seen
+        .iter()
+        .filter(|s| any_record(s).is_some_and(|(f, _)| f.seq == newest))
+        .map(|s| s.report.position)
+        .collect();
+    let in_place = |p: &Position| valid_record(at(seen, *p)).is_some_and(|(f, _)| f.seq == newest);
+    let source = copies_of_newest
+        .iter()
+        .copied()
+        .find(|p| in_place(p))
+        .or(copies_of_newest.first().copied())
+        .expect("the newest record has a copy");
+    for copy in 0..2 {
+        let target = Position::Slot {
+            slot: newest_slot,
+            copy,
+        };
+        if !in_place(&target) {
+            out.push(Repair { target, source });
+        }
+    }
+    let firsts = std::iter::once(Position::Header { copy: 0 }).chain(
+        (0..SLOTS)
+            .filter(|&slot| slot != newest_slot)
+            .map(|slot| Position::Slot { slot, copy: 0 }),
+    );
     for first in firsts {
         let (a, b) = (at(seen, first), at(seen, first.twin()));
         let (best, other) = match (rank(a), rank(b)) {
@@ -911,5 +926,6 @@ pub fn truncated(len: u64) -> Analysis {
         max_seq_seen: None,
         uuid: None,
         newest_readable: None,
+        header: None,
     }
 }

@@ -106,6 +106,8 @@ impl FileStorage {
                     "{} is a symbolic link; a journal path must name the file itself",
                     path.display()
                 ))
+            } else if e == rustix::io::Errno::ISDIR {
+                Error::InvalidInput(format!("{} is a directory, not a journal", path.display()))
             } else {
                 Error::io_at("open", path, to_io(e))
             }

@@ -19,7 +19,7 @@ pub use file::{
     FileStorage, ImageIdentity, JournalAccess, LockState, create_new_file_atomically,
     stat_identity, sync_parent, write_backup_copy,
 };
-pub use sim::{PendingWrite, SECTOR_SIZE, SectorFate, SimDisk, WriteFate};
+pub use sim::{CrashClock, PendingWrite, SECTOR_SIZE, SectorFate, SimDisk, WriteFate};
 
 /// A block of bytes addressed by offset.
 ///
@@ -32,6 +32,8 @@ pub use sim::{PendingWrite, SECTOR_SIZE, SectorFate, SimDisk, WriteFate};
 ///   durable, and must not call it again expecting a different answer.
 /// - `punch_hole` makes the range read as zeros, deallocating it where the
 ///   medium can.
+// A disk is never "empty" in the collection sense; is_empty would mislead.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync {
     /// Size in bytes.
     fn len(&self) -> io::Result<u64>;

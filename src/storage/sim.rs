@@ -3,11 +3,11 @@
 //! Model (after SQLite's test6.c and redb's crash backend):
 //!
 //! ```text
-//!   write_at ──► live image (what reads see: the page cache)
-//!            └─► pending list (in order, since the last sync)
-//!   sync_data ─► pending applied to the durable image, list cleared
-//!   process crash ─► live, durable and pending all survive (the kernel lives on)
-//!   power loss    ─► durable + each pending write applied, dropped or torn
+//!   write_at --> live image (what reads see: the page cache)
+//!            `-> pending list (in order, since the last sync)
+//!   sync_data -> pending applied to the durable image, list cleared
+//!   process crash -> live, durable and pending all survive (the kernel lives on)
+//!   power loss    -> durable + each pending write applied, dropped or torn
 //!                    (per 512-byte sector: old, new or garbage); live := that
 //! ```
 //!
@@ -78,10 +78,13 @@ struct State {
     pending: Vec<PendingWrite>,
     ops: u64,
     crash_at: Option<u64>,
-    next_write_fault: Option<WriteFault>,
-    /// `Some(persisted)`: the next sync fails; `persisted` says whether the
+    /// Write attempts so far; faults are armed for an attempt number.
+    write_attempts: u64,
+    write_faults: Vec<(u64, WriteFault)>,
+    sync_attempts: u64,
+    /// `(attempt, persisted)`: that sync fails; `persisted` says whether the
     /// pending writes reached the medium anyway.
-    next_sync_fault: Option<bool>,
+    sync_faults: Vec<(u64, bool)>,
     failing_reads: Vec<Range<u64>>,
     writes_seen: u64,
     syncs_seen: u64,
@@ -91,6 +94,50 @@ struct State {
 #[derive(Debug, Clone, Default)]
 pub struct SimDisk {
     state: Arc<Mutex<State>>,
+    clock: Option<CrashClock>,
+}
+
+/// A storage-call counter shared by several disks, so that one simulated
+/// process crash stops them all at the same call: the source, the
+/// destination and the journal of a copy job die together.
+#[derive(Debug, Clone, Default)]
+pub struct CrashClock {
+    inner: Arc<Mutex<(u64, Option<u64>)>>,
+}
+
+impl CrashClock {
+    /// A clock at call 0 with no crash planned.
+    pub fn new() -> Self {
+        CrashClock::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (u64, Option<u64>)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Calls made so far on all disks of this clock.
+    pub fn ops(&self) -> u64 {
+        self.lock().0
+    }
+
+    /// The process dies at call `op` (counted over all disks).
+    pub fn crash_at(&self, op: u64) {
+        self.lock().1 = Some(op);
+    }
+
+    /// Whether the process is dead.
+    pub fn is_crashed(&self) -> bool {
+        let c = self.lock();
+        c.1.is_some_and(|at| c.0 >= at)
+    }
+
+    /// Counts one call; false if the process is dead.
+    fn tick(&self) -> bool {
+        let mut c = self.lock();
+        let op = c.0;
+        c.0 += 1;
+        c.1.is_none_or(|at| op < at)
+    }
 }
 
 fn crashed() -> io::Error {
@@ -120,6 +167,23 @@ impl SimDisk {
         };
         SimDisk {
             state: Arc::new(Mutex::new(state)),
+            clock: None,
+        }
+    }
+
+    /// A zero-filled disk of `len` bytes whose calls count on `clock`.
+    pub fn on_clock(clock: &CrashClock, len: u64) -> Self {
+        SimDisk {
+            clock: Some(clock.clone()),
+            ..Self::new(len)
+        }
+    }
+
+    /// The same disk, counting its calls on `clock` from now on.
+    pub fn with_clock(self, clock: &CrashClock) -> Self {
+        SimDisk {
+            clock: Some(clock.clone()),
+            ..self
         }
     }
 
@@ -153,6 +217,9 @@ impl SimDisk {
 
     /// Whether the simulated process is dead.
     pub fn is_crashed(&self) -> bool {
+        if self.clock.as_ref().is_some_and(|c| c.is_crashed()) {
+            return true;
+        }
         let s = self.lock();
         s.crash_at.is_some_and(|at| s.ops >= at)
     }
@@ -181,10 +248,12 @@ impl SimDisk {
             live: s.live.clone(),
             durable: s.durable.clone(),
             pending: s.pending.clone(),
+            failing_reads: s.failing_reads.clone(),
             ..State::default()
         };
         SimDisk {
             state: Arc::new(Mutex::new(state)),
+            clock: None,
         }
     }
 
@@ -224,7 +293,10 @@ impl SimDisk {
                 }
             }
         }
-        SimDisk::from_bytes(image)
+        let disk = SimDisk::from_bytes(image);
+        // Bad sectors stay bad.
+        disk.lock().failing_reads = s.failing_reads.clone();
+        disk
     }
 
     /// Flips one bit of the medium (and of the cache: the page was evicted
@@ -245,27 +317,53 @@ impl SimDisk {
         s.live[at..at + bytes.len()].copy_from_slice(bytes);
     }
 
+    fn arm_write(&self, later: u64, fault: WriteFault) {
+        let mut s = self.lock();
+        let at = s.write_attempts + later;
+        s.write_faults.push((at, fault));
+    }
+
+    /// The write `later` writes from now (0: the next) lands at `to` instead
+    /// of where it was aimed.
+    pub fn misdirect_write(&self, later: u64, to: u64) {
+        self.arm_write(later, WriteFault::Misdirect { to });
+    }
+
     /// The next write lands at `to` instead of where it was aimed.
     pub fn misdirect_next_write(&self, to: u64) {
-        self.lock().next_write_fault = Some(WriteFault::Misdirect { to });
+        self.misdirect_write(0, to);
+    }
+
+    /// The write `later` writes from now succeeds, is seen by reads, and
+    /// never reaches the medium.
+    pub fn lose_write(&self, later: u64) {
+        self.arm_write(later, WriteFault::Lost);
     }
 
     /// The next write succeeds, is seen by reads, and never reaches the medium.
     pub fn lose_next_write(&self) {
-        self.lock().next_write_fault = Some(WriteFault::Lost);
+        self.lose_write(0);
     }
 
     /// The next write fails with `kind` after its first `landed` bytes were
     /// written (a short write when `landed > 0`).
     pub fn fail_next_write(&self, kind: io::ErrorKind, landed: usize) {
-        self.lock().next_write_fault = Some(WriteFault::Error { kind, landed });
+        self.arm_write(0, WriteFault::Error { kind, landed });
     }
 
-    /// The next sync fails with EIO. `persisted` says whether the pending
-    /// writes reached the medium anyway; either way they are no longer
-    /// pending, so a later sync succeeds without writing them (Linux).
+    /// The sync `later` syncs from now fails with EIO. `persisted` says
+    /// whether the pending writes reached the medium anyway; either way they
+    /// are no longer pending, so a later sync succeeds without writing them
+    /// (as on Linux, where the pages are marked clean).
+    pub fn fail_sync(&self, later: u64, persisted: bool) {
+        let mut s = self.lock();
+        let at = s.sync_attempts + later;
+        s.sync_faults.push((at, persisted));
+    }
+
+    /// The next sync fails with EIO; see [`SimDisk::fail_sync`].
     pub fn fail_next_sync(&self, persisted: bool) {
-        self.lock().next_sync_fault = Some(persisted);
+        self.fail_sync(0, persisted);
     }
 
     /// Reads touching `range` fail with EIO from now on.
@@ -278,6 +376,11 @@ impl SimDisk {
         let op = s.ops;
         s.ops += 1;
         if s.crash_at.is_some_and(|at| op >= at) {
+            return Err(crashed());
+        }
+        if let Some(clock) = &self.clock
+            && !clock.tick()
+        {
             return Err(crashed());
         }
         Ok(s)
@@ -330,7 +433,14 @@ impl Storage for SimDisk {
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut s = self.begin()?;
         check_range(s.live.len(), offset, data.len())?;
-        match s.next_write_fault.take() {
+        let attempt = s.write_attempts;
+        s.write_attempts += 1;
+        let fault = s
+            .write_faults
+            .iter()
+            .position(|(at, _)| *at == attempt)
+            .map(|i| s.write_faults.swap_remove(i).1);
+        match fault {
             None => s.record_write(offset, data, false),
             Some(WriteFault::Lost) => s.record_write(offset, data, true),
             Some(WriteFault::Misdirect { to }) => {
@@ -357,7 +467,13 @@ impl Storage for SimDisk {
     fn sync_data(&self) -> io::Result<()> {
         let mut s = self.begin()?;
         let pending = std::mem::take(&mut s.pending);
-        let fault = s.next_sync_fault.take();
+        let attempt = s.sync_attempts;
+        s.sync_attempts += 1;
+        let fault = s
+            .sync_faults
+            .iter()
+            .position(|(at, _)| *at == attempt)
+            .map(|i| s.sync_faults.swap_remove(i).1);
         if fault != Some(false) {
             for write in pending.iter().filter(|w| !w.lost) {
                 let at = write.offset as usize;

@@ -330,3 +330,48 @@ fn every_crash_point_of_every_transition_recovers_to_an_acknowledged_or_in_fligh
         counts.recoveries
     );
 }
+
+/// `resolve`, crashed at every call: recovery afterwards either still asks
+/// for the operator or returns the resolution; never an older record.
+#[test]
+fn resolve_crashed_at_every_call_never_returns_an_older_record() {
+    let (disk, _journal) = crate::support::sim_journal(Completed);
+    // Destroy both copies of the slot after the newest record (seq 3).
+    for copy in 0..2 {
+        let at = livecopy::journal::format::Position::Slot { slot: 0, copy };
+        disk.scribble(at.offset(), &[0xEE; 4096]);
+    }
+    let image = disk.live_bytes();
+    let analysis = journal::analyse(&disk).unwrap();
+    assert!(analysis.outcome.is_err(), "the setup must need an operator");
+
+    let probe = SimDisk::from_bytes(image.clone());
+    let seq = journal::resolve(&probe, &analysis, livecopy::journal::Side::Source, |_| Ok(()))
+        .expect("resolve");
+    let total = probe.ops();
+    let mut cases = 0;
+    for n in 0..=total {
+        let crashing = SimDisk::from_bytes(image.clone());
+        crashing.crash_at(n);
+        let _ = journal::resolve(&crashing, &analysis, livecopy::journal::Side::Source, |_| Ok(()));
+        for fate in [WriteFate::Apply, WriteFate::Drop, torn_half()] {
+            cases += 1;
+            let after = crashing.after_power_loss(|_, _| fate.clone());
+            match journal::analyse(&after).unwrap().outcome {
+                Ok(r) => {
+                    assert_eq!((r.seq, r.record.phase), (seq, Resolved), "crash at call {n}");
+                    assert_eq!(r.record.authoritative, livecopy::journal::Side::Source);
+                }
+                Err(refusal) => assert_eq!(
+                    refusal.reason,
+                    livecopy::journal::RefusalReason::NeedsOperator,
+                    "crash at call {n}"
+                ),
+            }
+        }
+    }
+    let done = journal::analyse(&probe).unwrap().outcome.expect("resolved");
+    assert_eq!((done.seq, done.record.phase), (seq, Resolved));
+    assert!(done.repairs.is_empty() && done.warnings.is_empty(), "{:?}", done.warnings);
+    println!("resolve crash enumeration: {} crash points, {cases} cases", total + 1);
+}

@@ -2,6 +2,7 @@
 
 mod cli;
 mod crash;
+mod engine_crash;
 mod fuzz_corpus;
 mod golden;
 mod model;

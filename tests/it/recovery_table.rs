@@ -36,21 +36,18 @@ fn every_evidence() -> Vec<Evidence> {
                 for headers in headers {
                     for newest in newest {
                         for fork in bools {
-                            for stray_ahead in bools {
-                                for successor in successor {
-                                    for parent in parent {
-                                        all.push(Evidence {
-                                            unsupported,
-                                            foreign,
-                                            ours,
-                                            headers,
-                                            newest,
-                                            fork,
-                                            stray_ahead,
-                                            successor,
-                                            parent,
-                                        });
-                                    }
+                            for successor in successor {
+                                for parent in parent {
+                                    all.push(Evidence {
+                                        unsupported,
+                                        foreign,
+                                        ours,
+                                        headers,
+                                        newest,
+                                        fork,
+                                        successor,
+                                        parent,
+                                    });
                                 }
                             }
                         }
@@ -79,7 +76,6 @@ fn required(e: &Evidence) -> Decision {
     let returnable = e.newest != Newest::NoRecord
         && e.headers != Headers::Disagree
         && !e.fork
-        && !e.stray_ahead
         && e.successor != Successor::BothDamaged
         && e.parent != Parent::Broken;
     if returnable {

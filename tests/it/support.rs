@@ -1,7 +1,7 @@
 //! Helpers shared by the tests: records, journals in a given phase.
 
 use livecopy::journal::{ImageRecord, Journal, Phase, RecordV1, Side};
-use livecopy::storage::{SimDisk, Storage};
+use livecopy::storage::SimDisk;
 
 /// The job id every test record uses.
 pub const JOB_ID: [u8; 16] = *b"test-job-0000001";
@@ -59,15 +59,4 @@ pub fn sim_journal(phase: Phase) -> (SimDisk, Journal<SimDisk>) {
         journal.commit(next, (i as u64 + 1) * 4096).expect("commit");
     }
     (disk, journal)
-}
-
-/// Recovery's verdict on `storage`: (seq, phase, side) or the refusal reason.
-pub fn verdict<S: Storage>(
-    storage: &S,
-) -> Result<(u64, Phase, Side), livecopy::journal::RefusalReason> {
-    let analysis = livecopy::journal::analyse(storage).expect("analyse reads");
-    analysis
-        .outcome
-        .map(|r| (r.seq, r.record.phase, r.record.authoritative))
-        .map_err(|refusal| refusal.reason)
 }

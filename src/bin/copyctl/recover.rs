@@ -52,7 +52,7 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
             ))
         }
         Ok(Some(_)) => {}
-        Err(e) => warnings.push(format!("cannot check {}: {e}", image.path)),
+        Err(e) => warnings.push(format!("cannot check {}: {}", image.path, e.describe())),
     }
     for warning in &warnings {
         warn(warning);

@@ -1,0 +1,138 @@
+//! The bulk pass: one sweep over the dirty bitmap, copying runs of dirty
+//! granules from the source to the destination.
+//!
+//! Guest writes never dirty a granule (they mirror instead), so the pass
+//! only moves forward and ends after one sweep whatever the guest's write
+//! rate. A run is claimed under the cursor mutex, copied under its range
+//! lock, and its bits are cleared only after the destination write
+//! succeeded, so "nothing dirty" means "every copy finished".
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{JobPhase, Shared};
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+/// What one call to `copy_step` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// Copied this many bytes.
+    Copied(u64),
+    /// Nothing left to copy; the job is Ready (or left Copying).
+    Done,
+}
+
+/// Marks the granules where the source may hold data dirty and makes the
+/// destination read zeros where the source is a hole, so holes stay holes.
+pub(super) fn plan<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<()> {
+    let g = shared.config.granularity;
+    let mut offset = 0;
+    // Granules below `decided` are already marked dirty or punched.
+    let mut decided = 0;
+    while offset < shared.size {
+        let next = shared.source.storage.next_data(offset);
+        let Some(range) = next.map_err(|e| Error::io("source SEEK_DATA", e))? else {
+            break;
+        };
+        if range.end <= offset {
+            break;
+        }
+        let first = range.start / g;
+        let last = range.end.min(shared.size).div_ceil(g);
+        punch_holes(shared, decided, first)?;
+        for granule in first.max(decided)..last {
+            shared.dirty.set(granule);
+        }
+        decided = decided.max(last);
+        offset = range.end;
+    }
+    punch_holes(shared, decided, shared.dirty.len())
+}
+
+fn punch_holes<S: Storage, J: Storage>(shared: &Shared<S, J>, from: u64, to: u64) -> Result<()> {
+    if from >= to {
+        return Ok(());
+    }
+    let g = shared.config.granularity;
+    let start = from * g;
+    let end = (to * g).min(shared.size);
+    shared.destination.punch(start, end - start)
+}
+
+/// Claims the next run of dirty granules: at most a chunk's worth.
+fn claim<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Option<std::ops::Range<u64>> {
+    let mut cursor = shared.cursor.lock().unwrap_or_else(|p| p.into_inner());
+    let first = shared.dirty.next_set(*cursor)?;
+    let most = shared.config.chunk_size / shared.config.granularity;
+    let mut end = first + 1;
+    while end < shared.dirty.len() && end - first < most && shared.dirty.get(end) {
+        end += 1;
+    }
+    *cursor = end;
+    Some(first..end)
+}
+
+/// Copies one run. See [`super::Job::copy_step`].
+pub(super) fn step<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<StepOutcome> {
+    if shared.phase() != JobPhase::Copying {
+        return Ok(StepOutcome::Done);
+    }
+    let Some(granules) = claim(shared) else {
+        shared.reach_ready()?;
+        return Ok(StepOutcome::Done);
+    };
+    let g = shared.config.granularity;
+    let start = granules.start * g;
+    let end = (granules.end * g).min(shared.size);
+    let _held = shared.ranges.lock(start..end);
+    let mut buf = vec![0u8; (end - start) as usize];
+    if let Err(e) = shared.source.read(start, &mut buf) {
+        // The pass cannot finish; the guest keeps the source, and its own
+        // requests report their own errors.
+        shared.fail_destination(&Error::InvalidInput(format!(
+            "bulk copy stopped: {}",
+            e.describe()
+        )));
+        return Err(e);
+    }
+    if !shared.phase().mirroring() {
+        return Ok(StepOutcome::Done);
+    }
+    if let Err(e) = shared.destination.write(start, &buf) {
+        shared.fail_destination(&e);
+        return Err(e);
+    }
+    for granule in granules {
+        shared.dirty.clear(granule);
+    }
+    shared.copied.fetch_add(end - start, Ordering::AcqRel);
+    Ok(StepOutcome::Copied(end - start))
+}
+
+/// A copy worker's loop: steps until the pass is done or the job stops,
+/// making way for guest requests and honouring the bandwidth limit.
+pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>) {
+    let started = Instant::now();
+    let mut copied_here = 0u64;
+    while !shared.stop.load(Ordering::Acquire) {
+        if shared.guest_in_flight() > 0 {
+            shared.yield_to_guest(shared.config.guest_grace);
+        }
+        match step(shared) {
+            Ok(StepOutcome::Copied(n)) => {
+                copied_here += n;
+                if let Some(limit) = shared.config.bandwidth {
+                    // Each worker takes its share of the limit.
+                    let share = (limit / shared.config.copy_workers as u64).max(1);
+                    let due = Duration::from_secs_f64(copied_here as f64 / share as f64);
+                    let elapsed = started.elapsed();
+                    if due > elapsed {
+                        std::thread::sleep(due - elapsed);
+                    }
+                }
+            }
+            Ok(StepOutcome::Done) | Err(_) => break,
+        }
+    }
+}

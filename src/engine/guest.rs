@@ -1,0 +1,208 @@
+//! The guest's view of the disk: read, write (optionally force-unit-access),
+//! write-zeroes, discard and flush, routed by the job's phase.
+//!
+//! | phase            | reads from  | writes go to                                  |
+//! |------------------|-------------|-----------------------------------------------|
+//! | Copying, Ready   | source      | source, then destination unless still dirty   |
+//! | Aborted          | source      | source                                        |
+//! | Switched, Completed | destination | destination                                |
+//! | Failed           | error       | error                                         |
+//!
+//! A write to granules the bulk pass has not copied yet goes to the source
+//! only: the pass will copy them, under the same range lock, after the
+//! write. Errors on the source go back to the guest; errors on the
+//! destination while mirroring abort the job and the guest never sees them.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::{JobPhase, Shared};
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+/// A guest I/O handle. Cheap to clone; usable from any thread.
+pub struct Guest<S: Storage, J: Storage> {
+    shared: Arc<Shared<S, J>>,
+}
+
+impl<S: Storage, J: Storage> Clone for Guest<S, J> {
+    fn clone(&self) -> Self {
+        Guest {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+enum Change<'a> {
+    Data(&'a [u8]),
+    Zeroes(u64),
+    Discard(u64),
+}
+
+impl Change<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Change::Data(d) => d.len() as u64,
+            Change::Zeroes(n) | Change::Discard(n) => *n,
+        }
+    }
+}
+
+const ZERO_CHUNK: usize = 1 << 20;
+
+fn apply<S: Storage>(image: &super::Image<S>, offset: u64, change: &Change<'_>) -> Result<()> {
+    match change {
+        Change::Data(data) => image.write(offset, data),
+        Change::Discard(len) => image.punch(offset, *len),
+        Change::Zeroes(len) => {
+            let zeros = vec![0u8; (*len).min(ZERO_CHUNK as u64) as usize];
+            let mut done = 0;
+            while done < *len {
+                let n = (*len - done).min(zeros.len() as u64);
+                image.write(offset + done, &zeros[..n as usize])?;
+                done += n;
+            }
+            Ok(())
+        }
+    }
+}
+
+impl<S: Storage, J: Storage> Guest<S, J> {
+    pub(super) fn new(shared: Arc<Shared<S, J>>) -> Self {
+        Guest { shared }
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.shared.size
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<Range<u64>> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.shared.size => Ok(offset..end),
+            _ => Err(Error::InvalidInput(format!(
+                "request {offset}+{len} is beyond the end of the disk ({} bytes)",
+                self.shared.size
+            ))),
+        }
+    }
+
+    /// Runs `body` as one guest request: held at the door during a switch,
+    /// counted while in flight.
+    fn request<T>(&self, body: impl FnOnce(JobPhase) -> Result<T>) -> Result<T> {
+        let phase = self.shared.enter()?;
+        let result = body(phase);
+        self.shared.leave();
+        result
+    }
+
+    /// Reads `buf.len()` bytes at `offset` from the authoritative image.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.request(|phase| match phase {
+            JobPhase::Switched | JobPhase::Completed => self.shared.destination.read(offset, buf),
+            _ => self.shared.source.read(offset, buf),
+        })
+    }
+
+    /// Writes `data` at `offset`. With `fua`, the data is durable on every
+    /// image that may become authoritative before this returns.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.change(offset, Change::Data(data), fua)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros, allocated.
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.change(offset, Change::Zeroes(len), fua)
+    }
+
+    /// Discards `len` bytes at `offset`: they read as zeros afterwards, and
+    /// the images may free the space.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.change(offset, Change::Discard(len), false)
+    }
+
+    /// Makes every write acknowledged so far durable on every image that may
+    /// become authoritative (E6).
+    pub fn flush(&self) -> Result<()> {
+        let shared = &self.shared;
+        self.request(|phase| match phase {
+            JobPhase::Switched | JobPhase::Completed => self.sync_authoritative_destination(),
+            JobPhase::Aborted => self.sync_authoritative_source(),
+            JobPhase::Copying | JobPhase::Ready => {
+                self.sync_authoritative_source()?;
+                if let Err(e) = shared.destination.sync() {
+                    shared.fail_destination(&e);
+                }
+                Ok(())
+            }
+            JobPhase::Failed => Err(Error::Poisoned { what: "engine" }),
+        })
+    }
+
+    fn sync_authoritative_source(&self) -> Result<()> {
+        self.shared
+            .source
+            .sync()
+            .inspect_err(|e| self.shared.fail_engine(format!("source: {}", e.describe())))
+    }
+
+    fn sync_authoritative_destination(&self) -> Result<()> {
+        self.shared.destination.sync().inspect_err(|e| {
+            self.shared
+                .fail_engine(format!("destination: {}", e.describe()))
+        })
+    }
+
+    fn change(&self, offset: u64, change: Change<'_>, fua: bool) -> Result<()> {
+        let range = self.check_range(offset, change.len())?;
+        if range.is_empty() {
+            return Ok(());
+        }
+        let shared = &self.shared;
+        self.request(|phase| match phase {
+            JobPhase::Switched | JobPhase::Completed => {
+                apply(&shared.destination, offset, &change)?;
+                if fua {
+                    self.sync_authoritative_destination()?;
+                }
+                Ok(())
+            }
+            JobPhase::Aborted => {
+                apply(&shared.source, offset, &change)?;
+                if fua {
+                    self.sync_authoritative_source()?;
+                }
+                Ok(())
+            }
+            JobPhase::Copying | JobPhase::Ready => self.mirrored(range, &change, fua),
+            JobPhase::Failed => Err(Error::Poisoned { what: "engine" }),
+        })
+    }
+
+    /// E1: source first, then the destination, under the range lock that
+    /// keeps copy workers from interleaving.
+    fn mirrored(&self, range: Range<u64>, change: &Change<'_>, fua: bool) -> Result<()> {
+        let shared = &self.shared;
+        let g = shared.config.granularity;
+        let granules = range.start / g..range.end.div_ceil(g);
+        let _held = shared.ranges.lock(granules.start * g..granules.end * g);
+        apply(&shared.source, range.start, change)?;
+        // Granules still dirty will be copied by the pass after we let go.
+        let any_clean = granules.clone().any(|i| !shared.dirty.get(i));
+        let mut destination_written = false;
+        if any_clean && shared.phase().mirroring() {
+            match apply(&shared.destination, range.start, change) {
+                Ok(()) => destination_written = true,
+                Err(e) => shared.fail_destination(&e),
+            }
+        }
+        if fua {
+            self.sync_authoritative_source()?;
+            if destination_written && let Err(e) = shared.destination.sync() {
+                shared.fail_destination(&e);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,750 @@
+//! The live copy engine: mirrored guest writes, one bulk pass, and the
+//! switch-over through the journal.
+//!
+//! ```text
+//!              copy pass done,            switch: hold, drain, sync both,
+//!              nothing dirty              commit Switched, release
+//!   Copying -------------------> Ready -----------------------------> Switched --> Completed
+//!      |                           |                                    complete: sync
+//!      | abort, or a destination   | abort, or a destination              destination,
+//!      | write/sync error          | write/sync error                     commit Completed
+//!      v                           v
+//!   Aborted (source stays authoritative, guest carries on)
+//!
+//!   any --> Failed   (journal poisoned, or the authoritative image failed
+//!                     a sync: fail-stop, every guest request errors)
+//! ```
+//!
+//! Invariants (the crate's, restated for this module):
+//!
+//! - E1. While Copying or Ready, a guest write is acknowledged only after it
+//!   reached the source and, unless its granules are still to be copied,
+//!   the destination.
+//! - E2. The Switched record is committed only when nothing is dirty, no
+//!   guest request is in flight, new ones are held, and both images were
+//!   synced after the last write.
+//! - E3. No write reaches the destination alone before the Switched record
+//!   is durable: the phase becomes Switched only after `commit` returns.
+//! - E4. After Switched, the source is never written again (`Image::retire`
+//!   turns any write into a panic).
+//! - E5. A failed sync is fatal for its file: the destination's aborts the
+//!   job, the source's (while authoritative) or the journal's fails the
+//!   engine. Nothing is retried.
+//! - E6. An acknowledged flush or force-unit-access write is durable on the
+//!   source and, while mirroring, on the destination.
+//!
+//! Each transition is a method of [`Job`]: `start` (Copying), `copy_step`
+//! (reaches Ready), `switch`, `complete`, `abort`; failures go through
+//! `Shared::fail_destination` and `Shared::fail_engine`.
+
+mod bitmap;
+mod copier;
+mod guest;
+mod ranges;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use bitmap::DirtyBitmap;
+pub use copier::StepOutcome;
+pub use guest::Guest;
+pub use ranges::{RangeGuard, RangeLocks};
+
+use crate::error::{Error, Result};
+use crate::journal::{Journal, Phase};
+use crate::storage::Storage;
+
+/// Tunables of a copy job.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Bytes tracked by one dirty bit. Power of two, at least 4096.
+    pub granularity: u64,
+    /// Largest bulk-copy request, in bytes. A multiple of `granularity`.
+    pub chunk_size: u64,
+    /// Copy worker threads (requests in flight on the bulk path).
+    pub copy_workers: usize,
+    /// Bulk-copy bandwidth limit in bytes per second; `None` for no limit.
+    pub bandwidth: Option<u64>,
+    /// How long a copy worker waits for in-flight guest requests to finish
+    /// before issuing its next request anyway: guest I/O goes first, but the
+    /// pass still ends.
+    pub guest_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            granularity: 64 << 10,
+            chunk_size: 1 << 20,
+            copy_workers: 2,
+            bandwidth: None,
+            guest_grace: Duration::from_millis(2),
+        }
+    }
+}
+
+impl Config {
+    fn validate(&self) -> Result<()> {
+        let g = self.granularity;
+        if !g.is_power_of_two() || g < 4096 {
+            return Err(Error::InvalidInput(format!(
+                "granularity {g} is not a power of two >= 4096"
+            )));
+        }
+        if self.chunk_size < g || !self.chunk_size.is_multiple_of(g) {
+            return Err(Error::InvalidInput(
+                "chunk size must be a multiple of the granularity".into(),
+            ));
+        }
+        if self.copy_workers == 0 {
+            return Err(Error::InvalidInput(
+                "at least one copy worker is needed".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where the job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobPhase {
+    /// The bulk pass runs; guest writes are mirrored.
+    Copying,
+    /// The images are equal; still mirroring, waiting for `switch`.
+    Ready,
+    /// The destination is authoritative; the source is retired.
+    Switched,
+    /// The switch was acknowledged; the source may be released.
+    Completed,
+    /// The copy was abandoned; the source stays authoritative.
+    Aborted,
+    /// Fail-stop: an error left no safe way to go on.
+    Failed,
+}
+
+impl JobPhase {
+    /// Lower-case name for output.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobPhase::Copying => "copying",
+            JobPhase::Ready => "ready",
+            JobPhase::Switched => "switched",
+            JobPhase::Completed => "completed",
+            JobPhase::Aborted => "aborted",
+            JobPhase::Failed => "failed",
+        }
+    }
+
+    /// Whether guest writes go to both images.
+    pub fn mirroring(self) -> bool {
+        matches!(self, JobPhase::Copying | JobPhase::Ready)
+    }
+}
+
+/// Something the embedding program should know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The bulk pass is done and the images are equal.
+    Ready,
+    /// The destination is now authoritative.
+    Switched {
+        /// How long new guest requests were held.
+        pause: Duration,
+    },
+    /// The switch was acknowledged and recorded.
+    Completed,
+    /// The job was abandoned; the guest carries on with the source.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+    /// The engine stopped; every guest request now fails.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A snapshot of the job.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// Where the job stands.
+    pub phase: JobPhase,
+    /// Guest-visible size in bytes.
+    pub size: u64,
+    /// Bytes the bulk pass copied so far.
+    pub bytes_copied: u64,
+    /// Bytes still to copy.
+    pub dirty_bytes: u64,
+    /// Bulk-copy rate since the start, bytes per second.
+    pub rate: f64,
+    /// Whether `switch` may be called.
+    pub ready: bool,
+    /// Guest requests in flight.
+    pub guest_in_flight: u32,
+    /// The last switch's guest-visible pause.
+    pub switch_pause: Option<Duration>,
+    /// Why the job was aborted or failed.
+    pub reason: Option<String>,
+}
+
+/// An image the engine writes, with a latch that turns any write after its
+/// retirement into a panic (E4) and a latch for a failed sync (E5).
+#[derive(Debug)]
+pub(crate) struct Image<S> {
+    pub storage: S,
+    name: &'static str,
+    retired: AtomicBool,
+    sync_failed: AtomicBool,
+}
+
+impl<S: Storage> Image<S> {
+    fn new(storage: S, name: &'static str) -> Self {
+        Image {
+            storage,
+            name,
+            retired: AtomicBool::new(false),
+            sync_failed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        assert!(
+            !self.retired.load(Ordering::Acquire),
+            "write to the retired {} (E4)",
+            self.name
+        );
+        self.storage
+            .write_at(offset, data)
+            .map_err(|e| Error::io(self.op("write"), e))
+    }
+
+    pub fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        assert!(
+            !self.retired.load(Ordering::Acquire),
+            "discard on the retired {} (E4)",
+            self.name
+        );
+        self.storage
+            .punch_hole(offset, len)
+            .map_err(|e| Error::io(self.op("discard"), e))
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.storage
+            .read_at(offset, buf)
+            .map_err(|e| Error::io(self.op("read"), e))
+    }
+
+    /// fdatasync; after one failure every later call fails too (E5).
+    pub fn sync(&self) -> Result<()> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(Error::Poisoned { what: self.name });
+        }
+        self.storage.sync_data().map_err(|e| {
+            self.sync_failed.store(true, Ordering::Release);
+            Error::io(self.op("fdatasync"), e)
+        })
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    fn op(&self, what: &'static str) -> &'static str {
+        match (self.name, what) {
+            ("source", "write") => "source write",
+            ("source", "read") => "source read",
+            ("source", "discard") => "source discard",
+            ("source", _) => "source fdatasync",
+            (_, "write") => "destination write",
+            (_, "read") => "destination read",
+            (_, "discard") => "destination discard",
+            _ => "destination fdatasync",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    phase: JobPhase,
+    /// A switch holds new guest requests at the door.
+    hold: bool,
+    guest_in_flight: u32,
+    switch_pause: Option<Duration>,
+    reason: Option<String>,
+}
+
+/// Everything the job's threads share.
+pub(crate) struct Shared<S: Storage, J: Storage> {
+    pub source: Image<S>,
+    pub destination: Image<S>,
+    pub size: u64,
+    pub config: Config,
+    journal: Mutex<Journal<J>>,
+    state: Mutex<State>,
+    changed: Condvar,
+    pub dirty: DirtyBitmap,
+    pub ranges: RangeLocks,
+    /// Next granule a copy worker may claim.
+    pub cursor: Mutex<u64>,
+    pub copied: AtomicU64,
+    started: Instant,
+    subscribers: Mutex<Vec<Sender<Event>>>,
+    pub stop: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<S: Storage, J: Storage> Shared<S, J> {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    pub fn phase(&self) -> JobPhase {
+        self.state().phase
+    }
+
+    fn emit(&self, event: Event) {
+        lock(&self.subscribers).retain(|s| s.send(event.clone()).is_ok());
+    }
+
+    /// Waits at the door while a switch holds guest I/O, then counts the
+    /// request in. Returns the phase the request runs under.
+    pub fn enter(&self) -> Result<JobPhase> {
+        let mut state = self.state();
+        while state.hold {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if state.phase == JobPhase::Failed {
+            return Err(Error::Poisoned { what: "engine" });
+        }
+        state.guest_in_flight += 1;
+        Ok(state.phase)
+    }
+
+    pub fn leave(&self) {
+        let mut state = self.state();
+        state.guest_in_flight -= 1;
+        if state.guest_in_flight == 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    pub fn guest_in_flight(&self) -> u32 {
+        self.state().guest_in_flight
+    }
+
+    /// Waits up to `grace` for in-flight guest requests to drain.
+    pub fn yield_to_guest(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        let mut state = self.state();
+        while state.guest_in_flight > 0 && !state.hold {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The destination failed while mirroring: record Aborted and carry on
+    /// with the source (E5). Harmless if the job already left mirroring.
+    pub fn fail_destination(&self, error: &Error) {
+        let reason = format!("destination failed: {}", error.describe());
+        let mut journal = lock(&self.journal);
+        if !self.phase().mirroring() {
+            return;
+        }
+        match journal.commit(Phase::Aborted, self.copied.load(Ordering::Acquire)) {
+            Ok(_) => {
+                let mut state = self.state();
+                state.phase = JobPhase::Aborted;
+                state.reason = Some(reason.clone());
+                drop(state);
+                self.changed.notify_all();
+                self.emit(Event::Aborted { reason });
+            }
+            Err(e) => {
+                drop(journal);
+                self.fail_engine(format!(
+                    "{reason}; recording the abort failed: {}",
+                    e.describe()
+                ));
+            }
+        }
+    }
+
+    /// Fail-stop: no request succeeds from now on.
+    pub fn fail_engine(&self, reason: String) {
+        let mut state = self.state();
+        if state.phase == JobPhase::Failed {
+            return;
+        }
+        state.phase = JobPhase::Failed;
+        state.reason = Some(reason.clone());
+        state.hold = false;
+        drop(state);
+        self.changed.notify_all();
+        self.emit(Event::Failed { reason });
+    }
+
+    /// Called by copy workers once nothing is dirty.
+    pub fn reach_ready(&self) -> Result<()> {
+        let mut journal = lock(&self.journal);
+        if self.phase() != JobPhase::Copying || self.dirty.count() != 0 {
+            return Ok(());
+        }
+        if let Err(e) = journal.commit(Phase::Ready, self.copied.load(Ordering::Acquire)) {
+            drop(journal);
+            self.fail_engine(format!("journal: {}", e.describe()));
+            return Err(e);
+        }
+        self.state().phase = JobPhase::Ready;
+        self.changed.notify_all();
+        self.emit(Event::Ready);
+        Ok(())
+    }
+}
+
+/// A running copy job. Dropping it stops the copy workers.
+pub struct Job<S: Storage + 'static, J: Storage + 'static> {
+    shared: Arc<Shared<S, J>>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// What `switch` reports.
+#[derive(Debug, Clone, Copy)]
+pub struct SwitchReport {
+    /// How long new guest requests were held.
+    pub pause: Duration,
+    /// The Switched record's sequence number.
+    pub seq: u64,
+}
+
+impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
+    /// Sets up a job over `journal` (whose newest record must be Copying:
+    /// the source is authoritative and nothing has touched the destination
+    /// yet). Marks every granule of the source that may hold data dirty and
+    /// punches the destination where the source is a hole. Does not start
+    /// copy workers; see [`Job::start_workers`] and [`Job::copy_step`].
+    pub fn new(journal: Journal<J>, source: S, destination: S, config: Config) -> Result<Self> {
+        config.validate()?;
+        if journal.record().phase != Phase::Copying || journal.is_poisoned() {
+            return Err(Error::InvalidInput(
+                "a job starts from a journal in the Copying phase".into(),
+            ));
+        }
+        let size = source.len().map_err(|e| Error::io("source size", e))?;
+        let destination_size = destination
+            .len()
+            .map_err(|e| Error::io("destination size", e))?;
+        if destination_size < size {
+            return Err(Error::InvalidInput(format!(
+                "the destination ({destination_size} bytes) is smaller than the source ({size} bytes)"
+            )));
+        }
+        let granules = size.div_ceil(config.granularity);
+        let shared = Shared {
+            source: Image::new(source, "source"),
+            destination: Image::new(destination, "destination"),
+            size,
+            dirty: DirtyBitmap::new(granules),
+            config,
+            journal: Mutex::new(journal),
+            state: Mutex::new(State {
+                phase: JobPhase::Copying,
+                hold: false,
+                guest_in_flight: 0,
+                switch_pause: None,
+                reason: None,
+            }),
+            changed: Condvar::new(),
+            ranges: RangeLocks::default(),
+            cursor: Mutex::new(0),
+            copied: AtomicU64::new(0),
+            started: Instant::now(),
+            subscribers: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+        };
+        copier::plan(&shared)?;
+        Ok(Job {
+            shared: Arc::new(shared),
+            workers: Vec::new(),
+        })
+    }
+
+    /// Starts the copy worker threads; they run the bulk pass, honour the
+    /// bandwidth limit, and make way for guest requests.
+    pub fn start_workers(&mut self) {
+        for n in 0..self.shared.config.copy_workers {
+            let shared = Arc::clone(&self.shared);
+            let handle = std::thread::Builder::new()
+                .name(format!("livecopy-copy-{n}"))
+                .spawn(move || copier::run(&shared))
+                .expect("spawn a copy worker");
+            self.workers.push(handle);
+        }
+    }
+
+    /// One bulk-copy step, for embedders that drive the copy themselves and
+    /// for deterministic tests: copies the next run of dirty granules.
+    pub fn copy_step(&self) -> Result<StepOutcome> {
+        copier::step(&self.shared)
+    }
+
+    /// A handle for guest I/O; clone it freely across threads.
+    pub fn guest(&self) -> Guest<S, J> {
+        Guest::new(Arc::clone(&self.shared))
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> Receiver<Event> {
+        let (sender, receiver) = channel();
+        lock(&self.shared.subscribers).push(sender);
+        receiver
+    }
+
+    /// A snapshot of the job.
+    pub fn status(&self) -> Status {
+        let shared = &self.shared;
+        let state = shared.state();
+        let copied = shared.copied.load(Ordering::Acquire);
+        let elapsed = shared.started.elapsed().as_secs_f64();
+        Status {
+            phase: state.phase,
+            size: shared.size,
+            bytes_copied: copied,
+            dirty_bytes: (shared.dirty.count() * shared.config.granularity).min(shared.size),
+            rate: if elapsed > 0.0 {
+                copied as f64 / elapsed
+            } else {
+                0.0
+            },
+            ready: state.phase == JobPhase::Ready,
+            guest_in_flight: state.guest_in_flight,
+            switch_pause: state.switch_pause,
+            reason: state.reason.clone(),
+        }
+    }
+
+    /// Waits until the job leaves Copying or `timeout` passes; returns the phase.
+    pub fn wait_ready(&self, timeout: Duration) -> JobPhase {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.shared.state();
+        while state.phase == JobPhase::Copying {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        state.phase
+    }
+
+    /// Hands the guest over to the destination (E2, E3). Syncs both images
+    /// while the guest still runs, then holds new requests, drains the ones
+    /// in flight, syncs again (almost nothing left to write), commits the
+    /// Switched record, retires the source and releases the guest.
+    pub fn switch(&self) -> Result<SwitchReport> {
+        let shared = &self.shared;
+        if shared.phase() != JobPhase::Ready {
+            return Err(Error::InvalidInput(format!(
+                "switch needs a ready job; it is {}",
+                shared.phase().name()
+            )));
+        }
+        self.sync_both()?;
+        let mut state = shared.state();
+        if state.phase != JobPhase::Ready || state.hold {
+            return Err(Error::InvalidInput(format!(
+                "the job is {}",
+                state.phase.name()
+            )));
+        }
+        state.hold = true;
+        let held = Instant::now();
+        // In-flight requests may need the journal (a destination failure
+        // records Aborted), so the journal is taken only once they drained.
+        while state.guest_in_flight > 0 {
+            state = shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drop(state);
+        let release = |phase: Option<JobPhase>| {
+            let mut state = shared.state();
+            state.hold = false;
+            if let Some(p) = phase {
+                state.phase = p;
+            }
+            drop(state);
+            shared.changed.notify_all();
+        };
+        let mut journal = lock(&shared.journal);
+        if shared.phase() != JobPhase::Ready {
+            release(None);
+            return Err(Error::InvalidInput(format!(
+                "the job became {}",
+                shared.phase().name()
+            )));
+        }
+        // E2: nothing dirty, nothing in flight, new requests held.
+        assert_eq!(shared.dirty.count(), 0, "switching with dirty granules");
+        assert_eq!(
+            shared.guest_in_flight(),
+            0,
+            "switching with guest requests in flight"
+        );
+        if let Err(e) = shared.destination.sync() {
+            release(None);
+            drop(journal);
+            shared.fail_destination(&e);
+            return Err(e);
+        }
+        if let Err(e) = shared.source.sync() {
+            release(None);
+            drop(journal);
+            shared.fail_engine(format!("source: {}", e.describe()));
+            return Err(e);
+        }
+        let seq = match journal.commit(Phase::Switched, shared.copied.load(Ordering::Acquire)) {
+            Ok(seq) => seq,
+            Err(e) => {
+                release(None);
+                drop(journal);
+                shared.fail_engine(format!("journal: {}", e.describe()));
+                return Err(e);
+            }
+        };
+        // E3, E4: the record is durable; only now may the destination be
+        // written alone, and the source never again.
+        shared.source.retire();
+        let pause = held.elapsed();
+        {
+            let mut state = shared.state();
+            state.switch_pause = Some(pause);
+        }
+        release(Some(JobPhase::Switched));
+        drop(journal);
+        shared.emit(Event::Switched { pause });
+        Ok(SwitchReport { pause, seq })
+    }
+
+    fn sync_both(&self) -> Result<()> {
+        let shared = &self.shared;
+        if let Err(e) = shared.destination.sync() {
+            shared.fail_destination(&e);
+            return Err(e);
+        }
+        if let Err(e) = shared.source.sync() {
+            shared.fail_engine(format!("source: {}", e.describe()));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Records that the management side acknowledged the switch: syncs the
+    /// destination and commits Completed. The source may then be released.
+    pub fn complete(&self) -> Result<u64> {
+        let shared = &self.shared;
+        let mut journal = lock(&shared.journal);
+        if shared.phase() != JobPhase::Switched {
+            return Err(Error::InvalidInput(format!(
+                "complete needs a switched job; it is {}",
+                shared.phase().name()
+            )));
+        }
+        if let Err(e) = shared.destination.sync() {
+            drop(journal);
+            shared.fail_engine(format!("destination: {}", e.describe()));
+            return Err(e);
+        }
+        match journal.commit(Phase::Completed, shared.copied.load(Ordering::Acquire)) {
+            Ok(seq) => {
+                shared.state().phase = JobPhase::Completed;
+                shared.changed.notify_all();
+                drop(journal);
+                shared.emit(Event::Completed);
+                Ok(seq)
+            }
+            Err(e) => {
+                drop(journal);
+                shared.fail_engine(format!("journal: {}", e.describe()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Abandons the copy before the switch: commits Aborted; the source
+    /// stays authoritative and the guest carries on with it.
+    pub fn abort(&self) -> Result<u64> {
+        let shared = &self.shared;
+        let mut journal = lock(&shared.journal);
+        if !shared.phase().mirroring() {
+            return Err(Error::InvalidInput(format!(
+                "abort needs a job before its switch; it is {}",
+                shared.phase().name()
+            )));
+        }
+        match journal.commit(Phase::Aborted, shared.copied.load(Ordering::Acquire)) {
+            Ok(seq) => {
+                let mut state = shared.state();
+                state.phase = JobPhase::Aborted;
+                state.reason = Some("aborted on request".into());
+                drop(state);
+                shared.changed.notify_all();
+                drop(journal);
+                shared.emit(Event::Aborted {
+                    reason: "aborted on request".into(),
+                });
+                Ok(seq)
+            }
+            Err(e) => {
+                drop(journal);
+                shared.fail_engine(format!("journal: {}", e.describe()));
+                Err(e)
+            }
+        }
+    }
+
+    /// The source storage (for inspection in tests and tools).
+    pub fn source(&self) -> &S {
+        &self.shared.source.storage
+    }
+
+    /// The destination storage.
+    pub fn destination(&self) -> &S {
+        &self.shared.destination.storage
+    }
+
+    /// Bytes the dirty bitmap takes.
+    pub fn bitmap_bytes(&self) -> usize {
+        self.shared.dirty.memory_bytes()
+    }
+}
+
+impl<S: Storage + 'static, J: Storage + 'static> Drop for Job<S, J> {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.changed.notify_all();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
