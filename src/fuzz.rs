@@ -10,7 +10,9 @@
 //!
 //! ```text
 //! byte 0        ctrl: low 4 bits = number of steps; 0x10 = end with an
-//!               operator's resolve; 0x20 = the resolve names the destination
+//!               operator's resolve; 0x20 = that resolve names the
+//!               destination; 0x40 = a resolve after a refusal of the
+//!               damaged image names the destination
 //! next N bytes  one per step: 0x80 set = restart (recover, resume with the
 //!               next epoch), else commit the (byte % n)-th legal next phase
 //! the rest      mutations of the journal image, one after the other:
@@ -26,7 +28,9 @@
 //! ```
 //!
 //! Missing bytes read as zero; a block number is taken modulo 10 and an
-//! offset modulo 4096. Every value of every byte means something.
+//! offset modulo 4096. Every value of every byte means something. Clocks and
+//! writer instances are replaced by fixed values after the steps, so one
+//! input always builds the same image.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -443,20 +447,26 @@ fn fix_checksums(block: &mut [u8]) {
 /// describes, and checks what recovery makes of it.
 ///
 /// Invariants, whatever the bytes:
-/// - no panic, and `analyse` gives the same analysis twice;
-/// - a returned record is on disk (a copy at its slot decodes to it), passes
+/// - no panic; `analyse` fails only when every block is unreadable, and
+///   gives the same analysis twice;
+/// - a returned record is on disk (some readable block decodes to it), passes
 ///   `RecordV1::check`, and is not newer than the newest sequence seen;
 /// - when every changed block is plain damage (unreadable, or failing to
 ///   decode for a reason other than a newer version), recovery returns the
 ///   last committed record or refuses: never an older or another one, and it
 ///   always returns it when at most one block is damaged;
 /// - when at most one block changed in any way (forged, copied, swapped in),
-///   recovery returns a sequence number at least the last committed one, the
-///   last committed record itself if it returns that number, or refuses as
+///   recovery returns a sequence number at least the last committed one (the
+///   last committed record itself if it returns that number), or refuses as
 ///   one foreign, newer-format or contradicting block calls for
 ///   (needs-operator, wrong-journal or unsupported-version; never corrupt);
-/// - after a return, `repair` succeeds and recovery then returns the same
-///   record, with nothing left to repair (unless reads fail).
+/// - after a return, `repair` (with a backup that succeeds) does the planned
+///   repairs, recovery then returns the same record, and nothing is left to
+///   repair unless reads fail; after at most one changed block, a resumed
+///   writer can commit the next phase and recovery returns that commit;
+/// - after a needs-operator refusal (all blocks readable), `resolve` either
+///   declines or leaves a journal that recovers to the resolution, numbered
+///   above every sequence number seen, naming the side the operator chose.
 pub fn recover_image(data: &[u8]) {
     let mut input = Cursor { data };
     let base = build_base(&mut input);
@@ -577,17 +587,24 @@ fn check_recovered(analysis: &Analysis, recovered: &Recovered, image: &[u8], unr
         "recovered content checksum does not match the record"
     );
     // At its own slot or, misdirected, anywhere else: some readable block
-    // must hold exactly this record.
-    let on_disk = (0..BLOCK_COUNT).any(|block| {
-        !unreadable[block]
-            && format::decode(&image[block_range(block)]).is_ok_and(|frame| {
-                frame.kind == Kind::Record
-                    && frame.uuid == recovered.uuid
-                    && frame.seq == recovered.seq
-                    && frame.content_crc == recovered.content_crc
-                    && payload::decode::<RecordV1>(&frame.payload).as_ref() == Ok(&recovered.record)
-            })
-    });
+    // must hold exactly this record. (The reports narrow the search: decoding
+    // is the expensive part of a run.)
+    let on_disk = analysis
+        .blocks
+        .iter()
+        .filter(|b| b.kind == Some(Kind::Record) && b.seq == Some(recovered.seq))
+        .map(|b| b.position.block())
+        .any(|block| {
+            !unreadable[block]
+                && format::decode(&image[block_range(block)]).is_ok_and(|frame| {
+                    frame.kind == Kind::Record
+                        && frame.uuid == recovered.uuid
+                        && frame.seq == recovered.seq
+                        && frame.content_crc == recovered.content_crc
+                        && payload::decode::<RecordV1>(&frame.payload).as_ref()
+                            == Ok(&recovered.record)
+                })
+        });
     assert!(
         on_disk,
         "recovered seq {} is in no readable block",

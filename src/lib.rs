@@ -23,6 +23,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod journal;
+pub mod restart;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};

@@ -39,6 +39,7 @@
 
 mod bitmap;
 mod copier;
+pub mod files;
 mod guest;
 mod ranges;
 

@@ -90,6 +90,28 @@ impl FileStorage {
         })
     }
 
+    /// Creates a new image file of `len` bytes (sparse), mode 0600, failing
+    /// if anything exists at `path`, and syncs its directory.
+    pub fn create_image(path: &Path, len: u64) -> Result<Self> {
+        let fd = rfs::openat(
+            rfs::CWD,
+            path,
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| Error::io_at("create", path, to_io(e)))?;
+        let file = File::from(fd);
+        file.set_len(len)
+            .map_err(|e| Error::io_at("set_len", path, e))?;
+        rfs::fsync(&file).map_err(|e| Error::io_at("fsync", path, to_io(e)))?;
+        sync_parent(path)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            is_block_device: false,
+        })
+    }
+
     /// Opens a journal without following symlinks, checks it is a regular
     /// file, takes (or, for inspection, tries) the exclusive lock, and syncs
     /// the file and its directory so that nothing read afterwards can be a

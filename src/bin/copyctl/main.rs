@@ -6,11 +6,14 @@
 //! listed in `exit` and in README.md.
 
 mod args;
+mod copy;
+mod demo;
 mod exit;
 mod inspect;
 mod output;
 mod recover;
 mod resolve;
+mod size;
 
 use std::process::ExitCode;
 
@@ -22,6 +25,9 @@ fn main() -> ExitCode {
         args::Command::Recover(a) => recover::run(a, args.output),
         args::Command::Inspect(a) => inspect::run(a, args.output),
         args::Command::Resolve(a) => resolve::run(a, args.output),
+        args::Command::Copy(a) => copy::run(a, args.output),
+        args::Command::Demo(a) => demo::run(a, args.output),
+        args::Command::DemoEngine(a) => demo::engine(a),
     };
     match result {
         Ok(code) => code.into(),

@@ -1,0 +1,72 @@
+//! Starting a job over image files (or block devices) and a journal path.
+
+use std::path::Path;
+
+use super::{Config, Job};
+use crate::error::{Error, Result};
+use crate::journal::{self, ImageRecord, Phase, RecordV1, Side};
+use crate::storage::{FileStorage, ImageIdentity};
+
+/// A job over real files.
+pub type FileJob = Job<FileStorage, FileStorage>;
+
+fn image_record(identity: &ImageIdentity) -> Result<ImageRecord> {
+    let path = identity.path.to_str().ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{} is not valid UTF-8; the journal stores UTF-8 paths",
+            identity.path.display()
+        ))
+    })?;
+    Ok(ImageRecord {
+        path: path.to_string(),
+        size: identity.size,
+        device: identity.device,
+        inode: identity.inode,
+    })
+}
+
+/// Creates the journal at `journal_path` (it must not exist), recording
+/// Copying with the source authoritative, then sets up the job. The
+/// destination must exist and be at least as large as the source; it must
+/// not be the source itself (same device and inode, whatever the path).
+/// Copy workers are not started; call [`Job::start_workers`].
+pub fn start(
+    journal_path: &Path,
+    source: &Path,
+    destination: &Path,
+    config: Config,
+) -> Result<FileJob> {
+    let source = FileStorage::open_image(source, true)?;
+    let destination = FileStorage::open_image(destination, true)?;
+    let (source_id, destination_id) = (source.identity()?, destination.identity()?);
+    if (source_id.device, source_id.inode) == (destination_id.device, destination_id.inode) {
+        return Err(Error::InvalidInput(format!(
+            "{} and {} are the same file",
+            source.path().display(),
+            destination.path().display()
+        )));
+    }
+    if destination_id.size < source_id.size {
+        return Err(Error::InvalidInput(format!(
+            "the destination ({} bytes) is smaller than the source ({} bytes)",
+            destination_id.size, source_id.size
+        )));
+    }
+    let mut job_id = [0u8; 16];
+    let mut writer = [0u8; 16];
+    crate::random_bytes(&mut job_id);
+    crate::random_bytes(&mut writer);
+    let first = RecordV1 {
+        job_id,
+        phase: Phase::Copying,
+        authoritative: Side::Source,
+        source: image_record(&source_id)?,
+        destination: image_record(&destination_id)?,
+        writer_instance: writer,
+        writer_epoch: 1,
+        bytes_copied: 0,
+        wall_clock_unix_ns: 0,
+    };
+    let journal = journal::create_file(journal_path, first)?;
+    Job::new(journal, source, destination, config)
+}
