@@ -1,6 +1,7 @@
 //! The integration tests, in one binary.
 
 mod cli;
+mod copy_cli;
 mod crash;
 mod engine_crash;
 mod fuzz_corpus;

@@ -60,3 +60,27 @@ pub fn sim_journal(phase: Phase) -> (SimDisk, Journal<SimDisk>) {
     }
     (disk, journal)
 }
+
+/// What a `copyctl` run left behind.
+pub struct Run {
+    /// The exit code (a signal counts as -1).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs the `copyctl` binary with `args` and waits for it.
+pub fn run_copyctl(args: &[&str]) -> Run {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run copyctl");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}

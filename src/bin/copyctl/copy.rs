@@ -30,9 +30,7 @@ pub fn ensure_destination(source: &Path, destination: &Path) -> anyhow::Result<b
         return Ok(false);
     }
     let size = storage::stat_identity(source)?
-        .ok_or_else(|| {
-            livecopy::Error::InvalidInput(format!("{} does not exist", source.display()))
-        })?
+        .ok_or_else(|| livecopy::Error::io_at("open", source, std::io::ErrorKind::NotFound.into()))?
         .size;
     FileStorage::create_image(destination, size)?;
     Ok(true)

@@ -18,7 +18,7 @@ pub enum Exit {
     NeedsOperator = 3,
     /// Not a journal, damaged beyond reading, truncated, or another job's.
     Corrupt = 4,
-    /// The journal file does not exist.
+    /// A file named on the command line does not exist.
     Missing = 5,
     /// A running engine holds the journal's lock.
     Locked = 6,
