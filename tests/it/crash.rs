@@ -346,20 +346,31 @@ fn resolve_crashed_at_every_call_never_returns_an_older_record() {
     assert!(analysis.outcome.is_err(), "the setup must need an operator");
 
     let probe = SimDisk::from_bytes(image.clone());
-    let seq = journal::resolve(&probe, &analysis, livecopy::journal::Side::Source, |_| Ok(()))
-        .expect("resolve");
+    let seq = journal::resolve(&probe, &analysis, livecopy::journal::Side::Source, |_| {
+        Ok(())
+    })
+    .expect("resolve");
     let total = probe.ops();
     let mut cases = 0;
     for n in 0..=total {
         let crashing = SimDisk::from_bytes(image.clone());
         crashing.crash_at(n);
-        let _ = journal::resolve(&crashing, &analysis, livecopy::journal::Side::Source, |_| Ok(()));
+        let _ = journal::resolve(
+            &crashing,
+            &analysis,
+            livecopy::journal::Side::Source,
+            |_| Ok(()),
+        );
         for fate in [WriteFate::Apply, WriteFate::Drop, torn_half()] {
             cases += 1;
             let after = crashing.after_power_loss(|_, _| fate.clone());
             match journal::analyse(&after).unwrap().outcome {
                 Ok(r) => {
-                    assert_eq!((r.seq, r.record.phase), (seq, Resolved), "crash at call {n}");
+                    assert_eq!(
+                        (r.seq, r.record.phase),
+                        (seq, Resolved),
+                        "crash at call {n}"
+                    );
                     assert_eq!(r.record.authoritative, livecopy::journal::Side::Source);
                 }
                 Err(refusal) => assert_eq!(
@@ -372,6 +383,13 @@ fn resolve_crashed_at_every_call_never_returns_an_older_record() {
     }
     let done = journal::analyse(&probe).unwrap().outcome.expect("resolved");
     assert_eq!((done.seq, done.record.phase), (seq, Resolved));
-    assert!(done.repairs.is_empty() && done.warnings.is_empty(), "{:?}", done.warnings);
-    println!("resolve crash enumeration: {} crash points, {cases} cases", total + 1);
+    assert!(
+        done.repairs.is_empty() && done.warnings.is_empty(),
+        "{:?}",
+        done.warnings
+    );
+    println!(
+        "resolve crash enumeration: {} crash points, {cases} cases",
+        total + 1
+    );
 }
