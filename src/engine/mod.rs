@@ -200,6 +200,13 @@ pub(crate) struct Image<S> {
     name: &'static str,
     retired: AtomicBool,
     sync_failed: AtomicBool,
+    /// Writes finished (successfully or not) so far.
+    written: AtomicU64,
+    /// The `written` count the last completed sync covered. A sync with
+    /// nothing new to cover is skipped: a flush with no writes behind it
+    /// costs nothing, and the switch's second sync is free when the guest
+    /// did not write after the first.
+    synced: AtomicU64,
 }
 
 impl<S: Storage> Image<S> {
@@ -209,6 +216,8 @@ impl<S: Storage> Image<S> {
             name,
             retired: AtomicBool::new(false),
             sync_failed: AtomicBool::new(false),
+            written: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
         }
     }
 
@@ -218,9 +227,11 @@ impl<S: Storage> Image<S> {
             "write to the retired {} (E4)",
             self.name
         );
-        self.storage
-            .write_at(offset, data)
-            .map_err(|e| Error::io(self.op("write"), e))
+        let result = self.storage.write_at(offset, data);
+        // Counted after the write finished, failed writes too (part of one
+        // may have landed): a sync that starts later covers it.
+        self.written.fetch_add(1, Ordering::AcqRel);
+        result.map_err(|e| Error::io(self.op("write"), e))
     }
 
     pub fn punch(&self, offset: u64, len: u64) -> Result<()> {
@@ -229,9 +240,9 @@ impl<S: Storage> Image<S> {
             "discard on the retired {} (E4)",
             self.name
         );
-        self.storage
-            .punch_hole(offset, len)
-            .map_err(|e| Error::io(self.op("discard"), e))
+        let result = self.storage.punch_hole(offset, len);
+        self.written.fetch_add(1, Ordering::AcqRel);
+        result.map_err(|e| Error::io(self.op("discard"), e))
     }
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -241,14 +252,25 @@ impl<S: Storage> Image<S> {
     }
 
     /// fdatasync; after one failure every later call fails too (E5).
+    /// Skipped when a completed sync already covered every finished write.
     pub fn sync(&self) -> Result<()> {
         if self.sync_failed.load(Ordering::Acquire) {
             return Err(Error::Poisoned { what: self.name });
         }
-        self.storage.sync_data().map_err(|e| {
-            self.sync_failed.store(true, Ordering::Release);
-            Error::io(self.op("fdatasync"), e)
-        })
+        let target = self.written.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        match self.storage.sync_data() {
+            Ok(()) => {
+                self.synced.fetch_max(target, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                self.sync_failed.store(true, Ordering::Release);
+                Err(Error::io(self.op("fdatasync"), e))
+            }
+        }
     }
 
     fn retire(&self) {
@@ -397,6 +419,25 @@ impl<S: Storage, J: Storage> Shared<S, J> {
         drop(state);
         self.changed.notify_all();
         self.emit(Event::Failed { reason });
+    }
+
+    /// fdatasyncs both images at once: the switch waits for the slower of
+    /// the two, not their sum. Returns (destination, source).
+    fn sync_images_concurrently(&self) -> (Result<()>, Result<()>)
+    where
+        S: Storage,
+    {
+        std::thread::scope(|scope| {
+            let destination = scope.spawn(|| self.destination.sync());
+            let source = self.source.sync();
+            let destination = destination.join().unwrap_or_else(|_| {
+                Err(Error::io(
+                    "destination fdatasync",
+                    std::io::Error::other("sync thread panicked"),
+                ))
+            });
+            (destination, source)
+        })
     }
 
     /// Called by copy workers once nothing is dirty.
@@ -612,13 +653,14 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             0,
             "switching with guest requests in flight"
         );
-        if let Err(e) = shared.destination.sync() {
+        let (destination_synced, source_synced) = shared.sync_images_concurrently();
+        if let Err(e) = destination_synced {
             release(None);
             drop(journal);
             shared.fail_destination(&e);
             return Err(e);
         }
-        if let Err(e) = shared.source.sync() {
+        if let Err(e) = source_synced {
             release(None);
             drop(journal);
             shared.fail_engine(format!("source: {}", e.describe()));
@@ -649,11 +691,12 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
 
     fn sync_both(&self) -> Result<()> {
         let shared = &self.shared;
-        if let Err(e) = shared.destination.sync() {
+        let (destination_synced, source_synced) = shared.sync_images_concurrently();
+        if let Err(e) = destination_synced {
             shared.fail_destination(&e);
             return Err(e);
         }
-        if let Err(e) = shared.source.sync() {
+        if let Err(e) = source_synced {
             shared.fail_engine(format!("source: {}", e.describe()));
             return Err(e);
         }

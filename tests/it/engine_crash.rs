@@ -419,13 +419,13 @@ fn every_crash_point_keeps_every_durable_write_on_the_image_recovery_names() {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(48);
+        .unwrap_or(256);
     let mut runner = TestRunner::new(RunnerConfig {
         cases,
         failure_persistence: None,
         ..RunnerConfig::default()
     });
-    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+    let result = runner.run(&proptest::collection::vec(op(), 1..64), |ops| {
         check_every_crash_point(&ops);
         Ok(())
     });
@@ -440,7 +440,7 @@ fn every_crash_point_keeps_every_durable_write_on_the_image_recovery_names() {
     if let Err(e) = result {
         panic!("{e}");
     }
-    assert!(CRASH_CASES.load(Ordering::Relaxed) > 10_000);
+    assert!(CRASH_POINTS.load(Ordering::Relaxed) > 10_000);
 }
 
 #[test]
