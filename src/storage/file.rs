@@ -121,7 +121,10 @@ impl FileStorage {
             JournalAccess::Exclusive => OFlags::RDWR,
             JournalAccess::Inspect => OFlags::RDONLY,
         } | OFlags::CLOEXEC
-            | OFlags::NOFOLLOW;
+            | OFlags::NOFOLLOW
+            // A FIFO at the path would block a read-only open forever; with
+            // NONBLOCK the open returns and the regular-file check refuses it.
+            | OFlags::NONBLOCK;
         let fd = rfs::openat(rfs::CWD, path, flags, Mode::empty()).map_err(|e| {
             if e == rustix::io::Errno::LOOP {
                 Error::InvalidInput(format!(

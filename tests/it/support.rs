@@ -1,6 +1,8 @@
 //! Helpers shared by the tests: records, journals in a given phase.
 
 use livecopy::journal::{ImageRecord, Journal, Phase, RecordV1, Side};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
 use livecopy::storage::SimDisk;
 
 /// The job id every test record uses.
@@ -71,13 +73,38 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// Tests run on parallel threads of one process, and a forked child holds a
+/// copy of every descriptor of the process until its exec closes them. If one
+/// of them is another test's journal, the flock on it outlives that test's
+/// `Journal`, and its next `copyctl recover` finds the journal locked. So
+/// children are spawned under the read side of this lock, and journal
+/// descriptors that tests open themselves are opened and closed under the
+/// write side.
+static FORK: RwLock<()> = RwLock::new(());
+
+/// Held while spawning a child process.
+pub fn spawning() -> RwLockReadGuard<'static, ()> {
+    FORK.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Held while opening or closing a journal in the test process.
+pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    FORK.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Runs the `copyctl` binary with `args` and waits for it.
 pub fn run_copyctl(args: &[&str]) -> Run {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run copyctl");
+    let child = {
+        let _no_journal_changes = spawning();
+        std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run copyctl")
+    };
+    let output = child.wait_with_output().expect("wait for copyctl");
     Run {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
