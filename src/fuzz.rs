@@ -28,7 +28,7 @@
 //! ```
 //!
 //! Missing bytes read as zero; a block number is taken modulo 10 and an
-//! offset modulo 4096. Every value of every byte means something. Clocks and
+//! offset modulo 4096; ctrl bit 0x80 is unused. Clocks and
 //! writer instances are replaced by fixed values after the steps, so one
 //! input always builds the same image.
 
@@ -133,6 +133,12 @@ fn assert_encodable(frame: &Frame) {
         assert!(
             frame.seq == 0 && frame.parent_content_crc == 0,
             "decoded non-record with sequence fields"
+        );
+    }
+    if frame.kind == Kind::EmptySlot {
+        assert!(
+            frame.payload.is_empty(),
+            "decoded empty slot with a payload"
         );
     }
 }

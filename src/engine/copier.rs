@@ -125,10 +125,14 @@ pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>) {
                 if let Some(limit) = shared.config.bandwidth {
                     // Each worker takes its share of the limit.
                     let share = (limit / shared.config.copy_workers as u64).max(1);
-                    let due = Duration::from_secs_f64(copied_here as f64 / share as f64);
-                    let elapsed = started.elapsed();
-                    if due > elapsed {
-                        std::thread::sleep(due - elapsed);
+                    let due = started + Duration::from_secs_f64(copied_here as f64 / share as f64);
+                    // In short naps, so that dropping the job never waits long.
+                    while !shared.stop.load(Ordering::Acquire) {
+                        let now = Instant::now();
+                        if now >= due {
+                            break;
+                        }
+                        std::thread::sleep((due - now).min(Duration::from_millis(20)));
                     }
                 }
             }

@@ -156,11 +156,9 @@ impl<S: Storage, J: Storage> Guest<S, J> {
 
     fn change(&self, offset: u64, change: Change<'_>, fua: bool) -> Result<()> {
         let range = self.check_range(offset, change.len())?;
-        if range.is_empty() {
-            return Ok(());
-        }
         let shared = &self.shared;
         self.request(|phase| match phase {
+            _ if range.is_empty() && phase != JobPhase::Failed => Ok(()),
             JobPhase::Switched | JobPhase::Completed => {
                 apply(&shared.destination, offset, &change)?;
                 if fua {
@@ -187,7 +185,13 @@ impl<S: Storage, J: Storage> Guest<S, J> {
         let g = shared.config.granularity;
         let granules = range.start / g..range.end.div_ceil(g);
         let _held = shared.ranges.lock(granules.start * g..granules.end * g);
-        apply(&shared.source, range.start, change)?;
+        if let Err(e) = apply(&shared.source, range.start, change) {
+            // Part of the write may have landed on the source. Where the
+            // destination already holds copied granules, bring them back in
+            // line, so the guest never sees bytes change at the switch.
+            self.resync(granules);
+            return Err(e);
+        }
         // Granules still dirty will be copied by the pass after we let go.
         let any_clean = granules.clone().any(|i| !shared.dirty.get(i));
         let mut destination_written = false;
@@ -204,5 +208,30 @@ impl<S: Storage, J: Storage> Guest<S, J> {
             }
         }
         Ok(())
+    }
+
+    /// Copies `granules` from the source to the destination, under the
+    /// caller's range lock, after a failed source write while mirroring.
+    /// Granules still dirty are left to the bulk pass. Any failure here
+    /// aborts the job: the destination can no longer be trusted to match.
+    fn resync(&self, granules: Range<u64>) {
+        let shared = &self.shared;
+        if !shared.phase().mirroring() {
+            return;
+        }
+        let g = shared.config.granularity;
+        for granule in granules.filter(|&i| !shared.dirty.get(i)) {
+            let start = granule * g;
+            let end = (start + g).min(shared.size);
+            let mut buf = vec![0u8; (end - start) as usize];
+            let copied = shared
+                .source
+                .read(start, &mut buf)
+                .and_then(|()| shared.destination.write(start, &buf));
+            if let Err(e) = copied {
+                shared.fail_destination(&e);
+                return;
+            }
+        }
     }
 }

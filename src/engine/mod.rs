@@ -654,24 +654,26 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             "switching with guest requests in flight"
         );
         let (destination_synced, source_synced) = shared.sync_images_concurrently();
+        // On failure the new phase is set before held requests are let go,
+        // so none of them runs under the old one.
         if let Err(e) = destination_synced {
-            release(None);
             drop(journal);
             shared.fail_destination(&e);
+            release(None);
             return Err(e);
         }
         if let Err(e) = source_synced {
-            release(None);
             drop(journal);
             shared.fail_engine(format!("source: {}", e.describe()));
+            release(None);
             return Err(e);
         }
         let seq = match journal.commit(Phase::Switched, shared.copied.load(Ordering::Acquire)) {
             Ok(seq) => seq,
             Err(e) => {
-                release(None);
                 drop(journal);
                 shared.fail_engine(format!("journal: {}", e.describe()));
+                release(None);
                 return Err(e);
             }
         };

@@ -3,6 +3,7 @@
 mod cli;
 mod copy_cli;
 mod crash;
+mod engine;
 mod engine_crash;
 mod fuzz_corpus;
 mod golden;

@@ -1,0 +1,1333 @@
+//! The copy engine's behaviour, one property per test: the overlap race
+//! between a copy step and a guest write, a threaded run on real files, the
+//! error paths (each fault injected on a simulated disk), the refusals, the
+//! bandwidth limit and the switch report.
+//!
+//! The jobs over simulated disks are built as in `engine_crash::drive`:
+//! `Journal::format` on a `SimDisk`, then `Job::new`, and driven with
+//! `copy_step` so that every test is deterministic.
+
+use std::io::ErrorKind as IoKind;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use livecopy::ErrorKind;
+use livecopy::engine::{Config, Event, Job, JobPhase, StepOutcome, files};
+use livecopy::journal::format::JOURNAL_LEN;
+use livecopy::journal::{self, Journal, Phase, Recovered, Side};
+use livecopy::storage::{SimDisk, Storage, WriteFate};
+
+use crate::support::{UUID, first_record};
+
+/// Granule of the simulated jobs.
+const G: u64 = 4096;
+/// Size of the simulated disks: 16 granules.
+const SIZE: u64 = 16 * G;
+
+/// splitmix64: a small deterministic generator for data and workloads.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `range` (not empty).
+    fn below(&mut self, range: Range<u64>) -> u64 {
+        range.start + self.next() % (range.end - range.start)
+    }
+
+    fn fill(&mut self, bytes: &mut [u8]) {
+        for chunk in bytes.chunks_mut(8) {
+            let word = self.next().to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+}
+
+/// `len` pseudo-random bytes derived from `seed`.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    Rng(seed).fill(&mut bytes);
+    bytes
+}
+
+/// Panics with the first differing offset rather than two huge buffers.
+fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: lengths differ");
+    if let Some(at) = actual.iter().zip(expected).position(|(a, e)| a != e) {
+        let differing = actual[at..]
+            .iter()
+            .zip(&expected[at..])
+            .filter(|(a, e)| a != e)
+            .count();
+        panic!(
+            "{what}: first difference at byte {at} (got {:#04x}, expected {:#04x}); \
+             {differing} bytes differ from there on",
+            actual[at], expected[at]
+        );
+    }
+}
+
+fn sim_config() -> Config {
+    Config {
+        granularity: G,
+        chunk_size: 2 * G,
+        copy_workers: 1,
+        ..Config::default()
+    }
+}
+
+/// A job over three simulated disks, with an event subscription taken
+/// before anything happened, and the guest-visible contents as a model.
+struct SimJob {
+    source: SimDisk,
+    destination: SimDisk,
+    journal: SimDisk,
+    job: Job<SimDisk, SimDisk>,
+    events: Receiver<Event>,
+    model: Vec<u8>,
+}
+
+fn sim_job() -> SimJob {
+    let initial = pattern(1, SIZE as usize);
+    let source = SimDisk::from_bytes(initial.clone());
+    let destination = SimDisk::new(SIZE);
+    let journal_disk = SimDisk::new(JOURNAL_LEN);
+    let journal = Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
+    let job =
+        Job::new(journal, source.clone(), destination.clone(), sim_config()).expect("Job::new");
+    let events = job.subscribe();
+    SimJob {
+        source,
+        destination,
+        journal: journal_disk,
+        job,
+        events,
+        model: initial,
+    }
+}
+
+impl SimJob {
+    /// A guest write that must succeed; updates the model.
+    fn write(&mut self, offset: u64, data: &[u8], fua: bool) {
+        self.job
+            .guest()
+            .write(offset, data, fua)
+            .unwrap_or_else(|e| panic!("guest write at {offset}: {}", e.describe()));
+        self.model[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    }
+
+    /// Reads the whole disk through the guest and compares it with the model.
+    fn check_guest_view(&self, what: &str) {
+        let mut buf = vec![0u8; SIZE as usize];
+        self.job
+            .guest()
+            .read(0, &mut buf)
+            .unwrap_or_else(|e| panic!("{what}: guest read: {}", e.describe()));
+        assert_same(&buf, &self.model, what);
+    }
+
+    /// Copy steps until the pass reports Done.
+    fn copy_all(&self) {
+        for _ in 0..=SIZE / G {
+            match self.job.copy_step().expect("copy step") {
+                StepOutcome::Copied(_) => {}
+                StepOutcome::Done => return,
+            }
+        }
+        panic!("the copy pass did not end");
+    }
+
+    fn to_ready(&self) {
+        self.copy_all();
+        assert_eq!(self.job.status().phase, JobPhase::Ready);
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.events.try_iter().collect()
+    }
+
+    /// The journal's verdict as recovery would give it now.
+    fn recovered(&self) -> Recovered {
+        journal::analyse(&self.journal)
+            .expect("journal readable")
+            .outcome
+            .expect("recovery names an image")
+    }
+
+    /// Counters of every storage call on the three disks.
+    fn ops(&self) -> [u64; 3] {
+        [
+            self.source.ops(),
+            self.destination.ops(),
+            self.journal.ops(),
+        ]
+    }
+}
+
+/// Where a job stands when a fault hits.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// After one copy step: the first chunk is clean, the rest dirty.
+    Copying,
+    /// After the whole pass.
+    Ready,
+}
+
+fn sim_job_at(stage: Stage) -> SimJob {
+    let mut s = sim_job();
+    match stage {
+        Stage::Copying => {
+            assert_eq!(
+                s.job.copy_step().expect("first step"),
+                StepOutcome::Copied(2 * G)
+            );
+            assert_eq!(s.job.status().phase, JobPhase::Copying);
+        }
+        Stage::Ready => s.to_ready(),
+    }
+    // A mirrored write to the clean first chunk reaches both images.
+    s.write(100, &pattern(2, 3000), false);
+    assert_eq!(
+        &s.destination.live_bytes()[100..3100],
+        &s.model[100..3100],
+        "a write to a clean granule is mirrored"
+    );
+    s.events();
+    s
+}
+
+/// After the destination failed while mirroring: the job is Aborted in
+/// memory, in the journal and in the events; the guest carries on with the
+/// source only, and the destination sees no call at all.
+fn check_aborted_and_source_only(s: &mut SimJob, why: &str) {
+    let status = s.job.status();
+    assert_eq!(status.phase, JobPhase::Aborted, "{why}: phase");
+    let recovered = s.recovered();
+    assert_eq!(recovered.record.phase, Phase::Aborted, "{why}: journal");
+    assert_eq!(recovered.record.authoritative, Side::Source, "{why}: side");
+    let events = s.events();
+    assert!(
+        matches!(events.as_slice(), [Event::Aborted { reason }] if reason.contains("destination")),
+        "{why}: events {events:?}"
+    );
+    assert!(status.reason.is_some(), "{why}: status gives a reason");
+
+    let destination_ops = s.destination.ops();
+    let destination_writes = s.destination.writes_seen();
+    let source_syncs = s.source.syncs_seen();
+    s.write(0, &pattern(10, 5000), false);
+    s.write(SIZE - 9000, &pattern(11, 9000), true);
+    s.write(7 * G + 1, &pattern(12, 3 * G as usize), false);
+    let guest = s.job.guest();
+    guest.write_zeroes(4 * G, G, false).expect("write_zeroes");
+    guest.discard(9 * G, 2 * G).expect("discard");
+    s.model[4 * G as usize..5 * G as usize].fill(0);
+    s.model[9 * G as usize..11 * G as usize].fill(0);
+    guest.flush().expect("flush after the abort");
+    s.check_guest_view(why);
+    assert_same(&s.source.live_bytes(), &s.model, why);
+    // Flushed, so durable on the source.
+    assert_same(&s.source.durable_bytes(), &s.model, why);
+    assert!(
+        s.source.syncs_seen() >= source_syncs + 2,
+        "{why}: source synced"
+    );
+    assert_eq!(
+        s.destination.writes_seen(),
+        destination_writes,
+        "{why}: the destination was written after the abort"
+    );
+    assert_eq!(
+        s.destination.ops(),
+        destination_ops,
+        "{why}: the destination was touched after the abort"
+    );
+    // The job stays aborted; the copy does not resume.
+    assert_eq!(s.job.copy_step().expect("step"), StepOutcome::Done);
+    assert_eq!(s.job.status().phase, JobPhase::Aborted);
+    let refused = s.job.switch().expect_err("switch after an abort");
+    assert_eq!(refused.kind(), ErrorKind::InvalidInput);
+}
+
+// ---------------------------------------------------------------------------
+// The overlap race.
+
+/// A storage whose `read_at` stops, once armed, after reading (so the
+/// reader holds the old bytes) and before returning, until released. The
+/// underlying disk's lock is not held while stopped: a concurrent write can
+/// only be held up by the engine itself.
+struct Gate {
+    disk: SimDisk,
+    ctl: Arc<GateCtl>,
+}
+
+#[derive(Default)]
+struct GateCtl {
+    armed: AtomicBool,
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    paused: bool,
+    released: bool,
+}
+
+impl GateCtl {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a reader stopped at the gate within `timeout`.
+    fn wait_paused(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        while !state.paused {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    fn release(&self) {
+        self.lock().released = true;
+        self.changed.notify_all();
+    }
+}
+
+impl Storage for Gate {
+    fn len(&self) -> std::io::Result<u64> {
+        self.disk.len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.disk.read_at(offset, buf)?;
+        if self.ctl.armed.swap(false, Ordering::AcqRel) {
+            let mut state = self.ctl.lock();
+            state.paused = true;
+            self.ctl.changed.notify_all();
+            // Bounded, so that a broken engine fails the test instead of
+            // hanging it.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !state.released && Instant::now() < deadline {
+                state = self
+                    .ctl
+                    .changed
+                    .wait_timeout(state, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.disk.write_at(offset, data)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.disk.sync_data()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.disk.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.disk.punch_hole(offset, len)
+    }
+}
+
+/// Polls `condition` every millisecond for up to `timeout`.
+fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+/// The copier is paused between reading its chunk (old bytes) and writing
+/// it to the destination; a guest write to `write` (overlapping the chunk)
+/// must wait for it, and the destination must end up with the new bytes.
+fn overlap_race(write: Range<u64>) {
+    const CHUNK: u64 = 4 * G;
+    let initial = pattern(20, SIZE as usize);
+    let source = SimDisk::from_bytes(initial.clone());
+    let destination = SimDisk::new(SIZE);
+    let journal_disk = SimDisk::new(JOURNAL_LEN);
+    let journal = Journal::format(journal_disk, UUID, first_record()).expect("format");
+    let ctl = Arc::new(GateCtl::default());
+    let config = Config {
+        granularity: G,
+        chunk_size: CHUNK,
+        copy_workers: 1,
+        ..Config::default()
+    };
+    let job = Job::new(
+        journal,
+        Gate {
+            disk: source.clone(),
+            ctl: Arc::clone(&ctl),
+        },
+        Gate {
+            disk: destination.clone(),
+            ctl: Arc::default(),
+        },
+        config,
+    )
+    .expect("Job::new");
+    let guest = job.guest();
+    let new = pattern(21, (write.end - write.start) as usize);
+    let mut model = initial;
+    model[write.start as usize..write.end as usize].copy_from_slice(&new);
+
+    let done = AtomicBool::new(false);
+    ctl.armed.store(true, Ordering::Release);
+    std::thread::scope(|scope| {
+        let copier = scope.spawn(|| job.copy_step());
+        assert!(
+            ctl.wait_paused(Duration::from_secs(10)),
+            "the copy step never read the source"
+        );
+        let writer = scope.spawn(|| {
+            let result = guest.write(write.start, &new, false);
+            done.store(true, Ordering::Release);
+            result
+        });
+        // The guest request is in (counted in flight), or already over.
+        assert!(
+            wait_for(Duration::from_secs(10), || job.status().guest_in_flight
+                == 1
+                || done.load(Ordering::Acquire)),
+            "the guest write never started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let overtook = done.load(Ordering::Acquire);
+        // Release before asserting, so that a failure does not leave the
+        // copier stopped at the gate.
+        ctl.release();
+        let step = copier.join().expect("copier thread");
+        let written = writer.join().expect("guest thread");
+        assert!(
+            !overtook,
+            "the guest write {write:?} completed while the copier held the chunk it overlaps \
+             (read, not yet written): overlapping ranges are not serialised"
+        );
+        assert_eq!(step.expect("copy step"), StepOutcome::Copied(CHUNK));
+        written.expect("the guest write");
+    });
+    assert!(done.load(Ordering::Acquire));
+
+    // The chunk the copier copied holds the newer bytes on both images.
+    let chunk = 0..CHUNK as usize;
+    assert_same(
+        &source.live_bytes()[chunk.clone()],
+        &model[chunk.clone()],
+        "source chunk",
+    );
+    assert_same(
+        &destination.live_bytes()[chunk.clone()],
+        &model[chunk],
+        "destination chunk after the race: the copier wrote stale bytes over newer ones",
+    );
+
+    for _ in 0..SIZE / G {
+        if job.copy_step().expect("copy step") == StepOutcome::Done {
+            break;
+        }
+    }
+    assert_eq!(job.status().phase, JobPhase::Ready);
+    assert_same(&destination.live_bytes(), &model, "destination at Ready");
+    job.switch().expect("switch");
+    let mut buf = vec![0u8; SIZE as usize];
+    guest.read(0, &mut buf).expect("read after the switch");
+    assert_same(&buf, &model, "guest view after the switch");
+    assert_same(
+        &destination.durable_bytes(),
+        &model,
+        "destination durable after the switch",
+    );
+}
+
+#[test]
+fn overlap_race_guest_write_inside_the_chunk_being_copied_waits_and_wins() {
+    overlap_race(G + 100..2 * G + 1000);
+}
+
+#[test]
+fn overlap_race_guest_write_straddling_the_chunk_being_copied_waits_and_wins() {
+    // Granule 3 is in the chunk, granules 4 and 5 are dirty and not claimed.
+    overlap_race(3 * G + 17..5 * G + 17);
+}
+
+#[test]
+fn a_write_straddling_copied_and_uncopied_granules_is_mirrored_where_copied() {
+    // After one step granules 0 and 1 are copied, 2.. are not.
+    let mut s = sim_job_at(Stage::Copying);
+    let write = G + 100..3 * G;
+    s.write(
+        write.start,
+        &pattern(35, (write.end - write.start) as usize),
+        false,
+    );
+    let copied = write.start as usize..2 * G as usize;
+    assert_same(
+        &s.destination.live_bytes()[copied.clone()],
+        &s.model[copied],
+        "the copied part of a straddling write on the destination",
+    );
+    s.to_ready();
+    assert_same(
+        &s.destination.live_bytes(),
+        &s.model,
+        "destination at Ready",
+    );
+}
+
+#[test]
+fn a_sparse_source_over_a_non_zero_destination_copies_holes_as_zeros() {
+    const LEN: u64 = 4 << 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source_path = dir.path().join("source.img");
+    let destination_path = dir.path().join("destination.img");
+    // Data in a few places, not granule-aligned; holes elsewhere.
+    let mut expected = vec![0u8; LEN as usize];
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(&source_path).expect("create the source");
+        file.set_len(LEN).expect("set_len");
+        for (i, at) in [(1u64, 100 << 10), (2, (1 << 20) + 4096), (3, LEN - 10_000)] {
+            let data = pattern(40 + i, 10_000);
+            file.write_all_at(&data, at).expect("write");
+            expected[at as usize..at as usize + data.len()].copy_from_slice(&data);
+        }
+    }
+    std::fs::write(&destination_path, vec![0xABu8; LEN as usize]).expect("destination");
+    let config = Config {
+        granularity: 64 << 10,
+        chunk_size: 256 << 10,
+        ..Config::default()
+    };
+    let job = files::start(
+        &dir.path().join("job.journal"),
+        &source_path,
+        &destination_path,
+        config,
+    )
+    .expect("start");
+    // A write into a hole granule while copying.
+    let data = pattern(50, 5000);
+    job.guest().write(3 << 20, &data, false).expect("write");
+    expected[3 << 20..(3 << 20) + 5000].copy_from_slice(&data);
+    while job.copy_step().expect("copy step") != StepOutcome::Done {}
+    assert_eq!(job.status().phase, JobPhase::Ready);
+    job.switch().expect("switch");
+    drop(job);
+    let destination = std::fs::read(&destination_path).expect("read");
+    assert_same(&destination, &expected, "destination of a sparse source");
+}
+
+// ---------------------------------------------------------------------------
+// Threaded stress on real files.
+
+const STRESS_SIZE: u64 = 32 << 20;
+const STRESS_THREADS: u64 = 4;
+const REGION: u64 = STRESS_SIZE / STRESS_THREADS;
+
+/// One guest thread: random writes (some FUA), write-zeroes, discards and
+/// flushes inside its own region until told to stop. Returns its model of
+/// the region.
+fn stress_guest(
+    guest: livecopy::engine::Guest<livecopy::storage::FileStorage, livecopy::storage::FileStorage>,
+    index: u64,
+    mut region: Vec<u8>,
+    stop: &AtomicBool,
+    ops: &AtomicU64,
+) -> Vec<u8> {
+    let base = index * REGION;
+    let mut rng = Rng(0x5EED_0000 + index);
+    while !stop.load(Ordering::Acquire) {
+        let len = rng.below(4096..65537);
+        let at = rng.below(0..REGION - len + 1);
+        let offset = base + at;
+        let span = at as usize..(at + len) as usize;
+        match rng.below(0..20) {
+            0 | 1 => guest.flush().expect("flush"),
+            2 => {
+                guest.discard(offset, len).expect("discard");
+                region[span].fill(0);
+            }
+            3 => {
+                let fua = rng.below(0..2) == 0;
+                guest.write_zeroes(offset, len, fua).expect("write_zeroes");
+                region[span].fill(0);
+            }
+            kind => {
+                let fua = kind < 7;
+                rng.fill(&mut region[span.clone()]);
+                guest
+                    .write(offset, &region[span], fua)
+                    .unwrap_or_else(|e| panic!("write at {offset}+{len}: {}", e.describe()));
+            }
+        }
+        ops.fetch_add(1, Ordering::AcqRel);
+    }
+    region
+}
+
+#[test]
+fn threaded_guests_on_real_files_end_with_a_destination_equal_to_the_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source_path = dir.path().join("source.img");
+    let destination_path = dir.path().join("destination.img");
+    let journal_path = dir.path().join("job.journal");
+    let initial = pattern(30, STRESS_SIZE as usize);
+    std::fs::write(&source_path, &initial).expect("write the source");
+    std::fs::File::create(&destination_path)
+        .and_then(|f| f.set_len(STRESS_SIZE))
+        .expect("create the destination");
+    let config = Config {
+        granularity: 64 << 10,
+        chunk_size: 1 << 20,
+        copy_workers: 2,
+        // About a quarter of a second for the pass: the guests write
+        // throughout it.
+        bandwidth: Some(128 << 20),
+        ..Config::default()
+    };
+    let mut job =
+        files::start(&journal_path, &source_path, &destination_path, config).expect("start");
+    let events = job.subscribe();
+    let stop = AtomicBool::new(false);
+    let ops = AtomicU64::new(0);
+    let timeout = Duration::from_secs(30);
+    let started = Instant::now();
+
+    let (model, source_after_switch) = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..STRESS_THREADS)
+            .map(|i| {
+                let guest = job.guest();
+                let region = initial[(i * REGION) as usize..((i + 1) * REGION) as usize].to_vec();
+                let (stop, ops) = (&stop, &ops);
+                scope.spawn(move || stress_guest(guest, i, region, stop, ops))
+            })
+            .collect();
+        let at_least = |n: u64| {
+            assert!(
+                wait_for(timeout, || ops.load(Ordering::Acquire) >= n),
+                "the guests stalled at {} requests",
+                ops.load(Ordering::Acquire)
+            );
+            ops.load(Ordering::Acquire)
+        };
+        let before_copy = at_least(40);
+        job.start_workers();
+        assert_eq!(job.wait_ready(timeout), JobPhase::Ready);
+        let at_ready = ops.load(Ordering::Acquire);
+        let at_ready = at_least(at_ready + 40);
+        let report = job.switch().expect("switch under load");
+        let source_after_switch = std::fs::read(&source_path).expect("read the source");
+        let at_switch = ops.load(Ordering::Acquire);
+        let at_end = at_least(at_switch + 40);
+        stop.store(true, Ordering::Release);
+        let mut model = Vec::with_capacity(STRESS_SIZE as usize);
+        for thread in threads {
+            model.extend(thread.join().expect("guest thread"));
+        }
+        println!(
+            "stress: {before_copy} requests before the copy, {at_ready} by Ready + 40, \
+             {at_switch} by the switch (pause {:?}), {at_end}+ at the end",
+            report.pause
+        );
+        (model, source_after_switch)
+    });
+    job.complete().expect("complete");
+    let events: Vec<_> = events.try_iter().collect();
+    assert!(
+        matches!(
+            events.as_slice(),
+            [Event::Ready, Event::Switched { .. }, Event::Completed]
+        ),
+        "events {events:?}"
+    );
+    drop(job);
+
+    let destination = std::fs::read(&destination_path).expect("read the destination");
+    assert_same(&destination, &model, "destination file after the run");
+    let source = std::fs::read(&source_path).expect("read the source");
+    assert_same(
+        &source,
+        &source_after_switch,
+        "source file: written after the switch",
+    );
+
+    let authority = livecopy::restart::authoritative_image(&journal_path).expect("recovery");
+    assert_eq!(authority.side, Side::Destination);
+    assert_eq!(authority.phase, Phase::Completed);
+    assert_eq!(
+        authority.image,
+        std::fs::canonicalize(&destination_path).expect("canonicalize")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "sanity: the stress run should take seconds"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Error paths.
+
+/// The destination's write fails (`kind`) in the copier's step.
+fn destination_write_fails_in_the_copy_step(kind: IoKind, errno: &str) {
+    let mut s = sim_job_at(Stage::Copying);
+    s.destination.fail_next_write(kind, 0);
+    let error = s.job.copy_step().expect_err("the step hits the fault");
+    assert_eq!(error.kind(), ErrorKind::Io);
+    let reason = s.job.status().reason.expect("a reason");
+    assert!(reason.contains(errno), "reason {reason:?} names {errno}");
+    check_aborted_and_source_only(&mut s, "destination write error in a copy step");
+}
+
+/// The destination's write fails (`kind`) under a mirrored guest write.
+fn destination_write_fails_under_a_guest_write(stage: Stage, kind: IoKind, errno: &str) {
+    let mut s = sim_job_at(stage);
+    s.destination.fail_next_write(kind, 0);
+    let writes = s.destination.writes_seen();
+    // The first chunk is clean: the write is mirrored and hits the fault,
+    // and the guest never sees it.
+    s.write(G / 2, &pattern(40, G as usize), false);
+    assert_eq!(s.destination.writes_seen(), writes);
+    let reason = s.job.status().reason.expect("a reason");
+    assert!(reason.contains(errno), "reason {reason:?} names {errno}");
+    check_aborted_and_source_only(&mut s, &format!("destination write error ({stage:?})"));
+}
+
+#[test]
+fn eio_on_a_destination_write_in_the_copy_step_aborts_and_the_guest_carries_on() {
+    destination_write_fails_in_the_copy_step(IoKind::Other, "os error 5");
+}
+
+#[test]
+fn eio_on_a_mirrored_destination_write_aborts_and_the_guest_write_succeeds() {
+    for stage in [Stage::Copying, Stage::Ready] {
+        destination_write_fails_under_a_guest_write(stage, IoKind::Other, "os error 5");
+    }
+}
+
+#[test]
+fn enospc_on_the_destination_in_the_copy_step_aborts_and_the_guest_carries_on() {
+    destination_write_fails_in_the_copy_step(IoKind::StorageFull, "os error 28");
+}
+
+#[test]
+fn enospc_on_a_mirrored_destination_write_aborts_and_the_guest_write_succeeds() {
+    for stage in [Stage::Copying, Stage::Ready] {
+        destination_write_fails_under_a_guest_write(stage, IoKind::StorageFull, "os error 28");
+    }
+}
+
+#[test]
+fn eio_on_a_destination_sync_in_a_guest_flush_aborts_and_the_flush_succeeds() {
+    for stage in [Stage::Copying, Stage::Ready] {
+        for persisted in [false, true] {
+            let mut s = sim_job_at(stage);
+            s.write(SIZE - 5000, &pattern(50, 5000), false);
+            let source_syncs = s.source.syncs_seen();
+            s.destination.fail_next_sync(persisted);
+            s.job
+                .guest()
+                .flush()
+                .expect("the flush is acknowledged: the source is durable");
+            assert_eq!(s.source.syncs_seen(), source_syncs + 1);
+            assert_same(
+                &s.source.durable_bytes(),
+                &s.model,
+                "source durable after the flush",
+            );
+            check_aborted_and_source_only(
+                &mut s,
+                &format!("destination sync error in a flush ({stage:?}, {persisted})"),
+            );
+        }
+    }
+}
+
+#[test]
+fn eio_on_a_source_write_goes_to_the_guest_and_changes_nothing_else() {
+    for stage in [Stage::Copying, Stage::Ready] {
+        let mut s = sim_job_at(stage);
+        let before = s.ops();
+        let destination_writes = s.destination.writes_seen();
+        let journal_before = s.journal.live_bytes();
+        s.source.fail_next_write(IoKind::Other, 0);
+        let error = s
+            .job
+            .guest()
+            .write(G, &pattern(60, 100), true)
+            .expect_err("the source write fails");
+        assert_eq!(error.kind(), ErrorKind::Io, "{stage:?}");
+        assert!(error.describe().contains("source write"), "{error:?}");
+        let status = s.job.status();
+        let expected = match stage {
+            Stage::Copying => JobPhase::Copying,
+            Stage::Ready => JobPhase::Ready,
+        };
+        assert_eq!(status.phase, expected, "{stage:?}: phase changed");
+        assert_eq!(status.reason, None);
+        assert_eq!(s.events(), vec![], "{stage:?}: events");
+        // The destination gets at most the resync of copied granules (the
+        // write stopped at the source; the FUA sync was not reached); the
+        // journal nothing.
+        assert!(
+            s.destination.writes_seen() <= destination_writes + 2,
+            "{stage:?}"
+        );
+        assert_eq!(s.ops()[2], before[2], "{stage:?}: journal calls");
+        assert_eq!(s.journal.live_bytes(), journal_before);
+        // The job goes on: more writes, the pass, the switch.
+        s.write(G, &pattern(61, 100), true);
+        s.to_ready();
+        s.job.switch().expect("switch");
+        s.check_guest_view("after a failed source write and a switch");
+        assert_same(&s.destination.live_bytes(), &s.model, "destination");
+    }
+}
+
+#[test]
+fn eio_on_a_source_sync_fails_the_engine_and_is_never_retried() {
+    for stage in [Stage::Copying, Stage::Ready] {
+        for fua in [false, true] {
+            let s = sim_job_at(stage);
+            let guest = s.job.guest();
+            let source_syncs = s.source.syncs_seen();
+            s.source.fail_next_sync(false);
+            let error = if fua {
+                guest
+                    .write(0, &pattern(70, 512), true)
+                    .expect_err("a FUA write whose source sync fails")
+            } else {
+                guest.flush().expect_err("a flush whose source sync fails")
+            };
+            assert_eq!(error.kind(), ErrorKind::Io, "{stage:?} fua={fua}");
+            assert_eq!(s.job.status().phase, JobPhase::Failed);
+            assert!(
+                matches!(s.events().as_slice(), [Event::Failed { reason }] if reason.contains("source")),
+                "{stage:?} fua={fua}: a Failed event"
+            );
+            let after_failure = s.ops();
+            // Every later request fails without touching a disk: in
+            // particular the source sync is not attempted again.
+            let second = guest.flush().expect_err("a second flush");
+            assert_eq!(second.kind(), ErrorKind::Poisoned);
+            let mut buf = [0u8; 512];
+            assert!(guest.read(0, &mut buf).is_err(), "read");
+            assert!(guest.write(0, &[1; 512], false).is_err(), "write");
+            assert!(guest.write(0, &[1; 512], true).is_err(), "FUA write");
+            assert!(guest.write_zeroes(0, 512, false).is_err(), "write_zeroes");
+            assert!(guest.discard(0, 512).is_err(), "discard");
+            assert!(guest.flush().is_err(), "third flush");
+            assert_eq!(
+                s.ops(),
+                after_failure,
+                "{stage:?} fua={fua}: a disk was touched"
+            );
+            assert_eq!(s.source.syncs_seen(), source_syncs);
+            // No way forward: no switch, no copy.
+            assert!(s.job.switch().is_err());
+            assert_eq!(s.job.copy_step().expect("step"), StepOutcome::Done);
+            assert_eq!(s.job.status().phase, JobPhase::Failed);
+            assert_eq!(s.ops(), after_failure);
+        }
+    }
+}
+
+#[test]
+fn eio_on_the_journal_sync_in_switch_fails_the_engine_and_recovery_names_a_complete_image() {
+    for later in [0, 1] {
+        for persisted in [false, true] {
+            let case = format!("journal sync {later} fails, persisted {persisted}");
+            let mut s = sim_job();
+            s.write(3 * G, &pattern(80, 2 * G as usize), false);
+            s.job.copy_step().expect("step");
+            s.write(G / 3, &pattern(81, 1000), true);
+            s.to_ready();
+            s.write(9 * G + 5, &pattern(82, 5000), false);
+            s.events();
+            s.journal.fail_sync(later, persisted);
+            let error = s.job.switch().expect_err(&case);
+            assert_eq!(error.kind(), ErrorKind::Io, "{case}");
+            assert_eq!(s.job.status().phase, JobPhase::Failed, "{case}");
+            assert!(
+                matches!(s.events().as_slice(), [Event::Failed { reason }] if reason.contains("journal")),
+                "{case}: a Failed event"
+            );
+            let guest = s.job.guest();
+            let mut buf = [0u8; 16];
+            assert!(guest.read(0, &mut buf).is_err(), "{case}: read");
+            assert!(guest.write(0, &[1; 16], false).is_err(), "{case}: write");
+            assert!(guest.flush().is_err(), "{case}: flush");
+            assert!(s.job.complete().is_err(), "{case}: complete");
+
+            // Both images were synced before the commit: both hold every
+            // acknowledged write, durably.
+            for (name, disk) in [("source", &s.source), ("destination", &s.destination)] {
+                assert_same(&disk.durable_bytes(), &s.model, &format!("{case}: {name}"));
+            }
+            let fates: [(&str, SimDisk); 3] = [
+                (
+                    "power loss, drop all",
+                    s.journal.after_power_loss(|_, _| WriteFate::Drop),
+                ),
+                (
+                    "power loss, apply all",
+                    s.journal.after_power_loss(|_, _| WriteFate::Apply),
+                ),
+                ("process crash", s.journal.after_process_crash()),
+            ];
+            for (fate, journal_disk) in fates {
+                let analysis = journal::analyse(&journal_disk).expect("journal readable");
+                let recovered = analysis
+                    .outcome
+                    .unwrap_or_else(|r| panic!("{case}, {fate}: recovery refused: {r}"));
+                let record = &recovered.record;
+                let image = match (record.phase, record.authoritative) {
+                    (Phase::Ready, Side::Source) => &s.source,
+                    (Phase::Switched, Side::Destination) => &s.destination,
+                    other => panic!("{case}, {fate}: recovery named {other:?}"),
+                };
+                println!("{case}, {fate}: recovery names {:?}", record.phase);
+                let after = image.after_power_loss(|_, _| WriteFate::Drop);
+                assert_same(
+                    &after.live_bytes(),
+                    &s.model,
+                    &format!(
+                        "{case}, {fate}: the image recovery names ({:?})",
+                        record.phase
+                    ),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_source_read_error_in_the_copy_step_aborts_and_the_guest_carries_on() {
+    let mut s = sim_job_at(Stage::Copying);
+    // The next chunk to copy is granules 2 and 3.
+    s.source.fail_reads(2 * G + 10..2 * G + 11);
+    let error = s.job.copy_step().expect_err("the step cannot read");
+    assert_eq!(error.kind(), ErrorKind::Io);
+    assert!(error.describe().contains("source read"), "{error:?}");
+    // The guest's own read of the bad range reports the disk's error.
+    let mut buf = [0u8; 64];
+    assert!(s.job.guest().read(2 * G, &mut buf).is_err());
+    // Everything else works, on the source only (reads stay away from the
+    // bad sector, which a write does not cure on the simulated disk).
+    s.write(2 * G, &pattern(90, G as usize), false);
+    let destination_writes = s.destination.writes_seen();
+    let guest = s.job.guest();
+    guest.read(0, &mut buf).expect("read elsewhere");
+    assert_eq!(&buf[..], &s.model[..64]);
+    guest.flush().expect("flush");
+    assert_eq!(s.destination.writes_seen(), destination_writes);
+    assert_eq!(s.job.status().phase, JobPhase::Aborted);
+    let recovered = s.recovered();
+    assert_eq!(recovered.record.phase, Phase::Aborted);
+    assert_eq!(recovered.record.authoritative, Side::Source);
+    let events = s.events();
+    assert!(
+        matches!(events.as_slice(), [Event::Aborted { .. }]),
+        "events {events:?}"
+    );
+    let destination_ops = s.destination.ops();
+    s.write(12 * G, &pattern(91, 100), true);
+    guest.discard(14 * G, G).expect("discard");
+    s.model[14 * G as usize..15 * G as usize].fill(0);
+    let mut head = vec![0u8; 2 * G as usize];
+    guest.read(0, &mut head).expect("read");
+    assert_eq!(&head[..], &s.model[..2 * G as usize]);
+    assert_eq!(s.destination.ops(), destination_ops);
+    assert_same(&s.source.live_bytes(), &s.model, "source");
+}
+
+#[test]
+fn after_the_switch_the_source_is_never_written_or_synced_again() {
+    let mut s = sim_job();
+    s.write(5 * G, &pattern(100, 1234), false);
+    s.to_ready();
+    s.write(6 * G, &pattern(101, 4321), true);
+    let source_before = s.source.live_bytes();
+    let report = s.job.switch().expect("switch");
+    assert!(report.seq > 0);
+    let (writes, syncs) = (s.source.writes_seen(), s.source.syncs_seen());
+    let pending = s.source.pending().len();
+    let guest = s.job.guest();
+    s.write(0, &pattern(102, 777), false);
+    s.write(7 * G + 3, &pattern(103, 3 * G as usize), true);
+    guest.flush().expect("flush");
+    guest.discard(2 * G, 2 * G).expect("discard");
+    guest
+        .write_zeroes(10 * G, G + 7, true)
+        .expect("write_zeroes");
+    s.model[2 * G as usize..4 * G as usize].fill(0);
+    s.model[10 * G as usize..(11 * G + 7) as usize].fill(0);
+    s.check_guest_view("after the switch");
+    s.job.complete().expect("complete");
+    s.write(SIZE - 100, &pattern(104, 100), false);
+    guest.flush().expect("flush after complete");
+    s.check_guest_view("after complete");
+    assert_eq!(
+        s.source.writes_seen(),
+        writes,
+        "source written after the switch"
+    );
+    assert_eq!(
+        s.source.syncs_seen(),
+        syncs,
+        "source synced after the switch"
+    );
+    assert_eq!(s.source.pending().len(), pending);
+    assert_eq!(s.source.live_bytes(), source_before);
+    assert_same(&s.destination.durable_bytes(), &s.model, "destination");
+    let recovered = s.recovered();
+    assert_eq!(recovered.record.phase, Phase::Completed);
+    assert_eq!(recovered.record.authoritative, Side::Destination);
+}
+
+// ---------------------------------------------------------------------------
+// Refusals.
+
+#[test]
+fn requests_out_of_order_are_refused_and_change_nothing() {
+    let s = sim_job();
+    let before = s.ops();
+    let journal_before = s.journal.live_bytes();
+    let error = s.job.switch().expect_err("switch while copying");
+    assert_eq!(error.kind(), ErrorKind::InvalidInput);
+    let error = s.job.complete().expect_err("complete while copying");
+    assert_eq!(error.kind(), ErrorKind::InvalidInput);
+    assert_eq!(s.ops(), before, "a refused request touched a disk");
+    assert_eq!(s.journal.live_bytes(), journal_before);
+    assert_eq!(s.job.status().phase, JobPhase::Copying);
+    assert_eq!(s.job.status().switch_pause, None);
+    assert_eq!(s.events(), vec![]);
+
+    s.to_ready();
+    s.events();
+    let before = s.ops();
+    let error = s.job.complete().expect_err("complete while ready");
+    assert_eq!(error.kind(), ErrorKind::InvalidInput);
+    assert_eq!(s.ops(), before);
+    assert_eq!(s.job.status().phase, JobPhase::Ready);
+
+    s.job.switch().expect("switch");
+    s.events();
+    let before = s.ops();
+    let error = s.job.abort().expect_err("abort after the switch");
+    assert_eq!(error.kind(), ErrorKind::InvalidInput);
+    let error = s.job.switch().expect_err("a second switch");
+    assert_eq!(error.kind(), ErrorKind::InvalidInput);
+    assert_eq!(s.ops(), before);
+    assert_eq!(s.job.status().phase, JobPhase::Switched);
+    assert_eq!(s.recovered().record.phase, Phase::Switched);
+    assert_eq!(s.events(), vec![]);
+
+    s.job.complete().expect("complete");
+    let before = s.ops();
+    assert_eq!(
+        s.job.abort().expect_err("abort after complete").kind(),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        s.job.complete().expect_err("a second complete").kind(),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(s.ops(), before);
+    assert_eq!(s.recovered().record.phase, Phase::Completed);
+}
+
+#[test]
+fn requests_beyond_the_end_are_refused_without_touching_a_disk() {
+    let s = sim_job();
+    let guest = s.job.guest();
+    assert_eq!(guest.size(), SIZE);
+    let before = s.ops();
+    let mut buf = vec![0u8; 2 * G as usize];
+    let refusals = [
+        ("write", guest.write(SIZE - G, &buf, false)),
+        ("FUA write", guest.write(SIZE, &[1], true)),
+        ("write at u64::MAX", guest.write(u64::MAX, &[1], false)),
+        ("write_zeroes", guest.write_zeroes(SIZE - 1, 2, false)),
+        (
+            "write_zeroes overflow",
+            guest.write_zeroes(1, u64::MAX, false),
+        ),
+        ("discard", guest.discard(SIZE - G, 2 * G)),
+        ("read", guest.read(SIZE - G, &mut buf)),
+    ];
+    for (what, result) in refusals {
+        let error = result.expect_err(what);
+        assert_eq!(error.kind(), ErrorKind::InvalidInput, "{what}");
+    }
+    assert_eq!(s.ops(), before);
+    assert_eq!(s.job.status().phase, JobPhase::Copying);
+    // The last byte is fine.
+    guest.write(SIZE - 1, &[7], false).expect("last byte");
+}
+
+#[test]
+fn a_destination_smaller_than_the_source_is_refused() {
+    let journal = Journal::format(SimDisk::new(JOURNAL_LEN), UUID, first_record()).expect("format");
+    let destination = SimDisk::new(SIZE - 512);
+    let refused = Job::new(
+        journal,
+        SimDisk::new(SIZE),
+        destination.clone(),
+        sim_config(),
+    )
+    .err()
+    .expect("a smaller destination");
+    assert_eq!(refused.kind(), ErrorKind::InvalidInput);
+    assert_eq!(destination.writes_seen(), 0);
+    // Larger is fine; the guest sees the source's size.
+    let journal = Journal::format(SimDisk::new(JOURNAL_LEN), UUID, first_record()).expect("format");
+    let job = Job::new(
+        journal,
+        SimDisk::new(SIZE),
+        SimDisk::new(SIZE + G),
+        sim_config(),
+    )
+    .expect("a larger destination");
+    assert_eq!(job.guest().size(), SIZE);
+}
+
+fn make_image(path: &Path, len: u64) {
+    std::fs::write(path, pattern(len, len as usize)).expect("write an image");
+}
+
+#[test]
+fn files_start_refuses_the_same_file_twice_and_an_existing_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("source.img");
+    let destination = dir.path().join("destination.img");
+    let journal_path = dir.path().join("job.journal");
+    make_image(&source, 1 << 20);
+    make_image(&destination, 1 << 20);
+    let symlink = dir.path().join("link.img");
+    std::os::unix::fs::symlink(&source, &symlink).expect("symlink");
+    let hard_link = dir.path().join("hard.img");
+    std::fs::hard_link(&source, &hard_link).expect("hard link");
+    let source_bytes = std::fs::read(&source).expect("read");
+
+    for same in [&source, &symlink, &hard_link] {
+        let refused = files::start(&journal_path, &source, same, Config::default())
+            .err()
+            .unwrap_or_else(|| panic!("{} accepted as the destination", same.display()));
+        assert_eq!(
+            refused.kind(),
+            ErrorKind::InvalidInput,
+            "{}",
+            same.display()
+        );
+        assert!(
+            !journal_path.exists(),
+            "a refused start created the journal"
+        );
+        // And the other way round.
+        let refused = files::start(&journal_path, same, &source, Config::default())
+            .err()
+            .unwrap_or_else(|| panic!("{} accepted as the source", same.display()));
+        assert_eq!(refused.kind(), ErrorKind::InvalidInput);
+    }
+    assert_eq!(std::fs::read(&source).expect("read"), source_bytes);
+
+    let smaller = dir.path().join("small.img");
+    make_image(&smaller, 1 << 19);
+    let refused = files::start(&journal_path, &source, &smaller, Config::default())
+        .err()
+        .expect("a smaller destination");
+    assert_eq!(refused.kind(), ErrorKind::InvalidInput);
+    assert!(!journal_path.exists());
+
+    std::fs::write(&journal_path, b"not a journal, and not to be replaced").expect("write");
+    let destination_bytes = std::fs::read(&destination).expect("read");
+    let refused = files::start(&journal_path, &source, &destination, Config::default())
+        .err()
+        .expect("an existing journal path");
+    assert_eq!(refused.kind(), ErrorKind::InvalidInput, "{refused:?}");
+    assert_eq!(
+        std::fs::read(&journal_path).expect("read"),
+        b"not a journal, and not to be replaced"
+    );
+    assert_eq!(
+        std::fs::read(&destination).expect("read"),
+        destination_bytes
+    );
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "destination.img",
+            "hard.img",
+            "job.journal",
+            "link.img",
+            "small.img",
+            "source.img"
+        ],
+        "a refused start left files behind"
+    );
+    // A sane start in the same directory works.
+    let other_journal = dir.path().join("other.journal");
+    let job = files::start(&other_journal, &source, &destination, Config::default())
+        .expect("a valid start");
+    assert_eq!(job.status().phase, JobPhase::Copying);
+}
+
+// ---------------------------------------------------------------------------
+// Bandwidth and the switch report.
+
+#[test]
+fn the_bandwidth_limit_slows_the_copy() {
+    const N: u64 = 8 << 20;
+    const LIMIT: u64 = 16 << 20;
+    const CHUNK: u64 = 256 << 10;
+    const WORKERS: usize = 2;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("source.img");
+    let destination = dir.path().join("destination.img");
+    make_image(&source, N);
+    std::fs::File::create(&destination)
+        .and_then(|f| f.set_len(N))
+        .expect("create the destination");
+    let config = Config {
+        granularity: 64 << 10,
+        chunk_size: CHUNK,
+        copy_workers: WORKERS,
+        bandwidth: Some(LIMIT),
+        ..Config::default()
+    };
+    let mut job = files::start(
+        &dir.path().join("job.journal"),
+        &source,
+        &destination,
+        config,
+    )
+    .expect("start");
+    // Each worker copies its first chunk before it first waits, so by time
+    // t at most LIMIT * t + WORKERS * CHUNK bytes are copied. Only lower
+    // bounds on time are checked: elapsed is read after the counter.
+    let burst = WORKERS as f64 * CHUNK as f64;
+    let started = Instant::now();
+    job.start_workers();
+    let mut samples = 0;
+    loop {
+        let status = job.status();
+        let elapsed = started.elapsed().as_secs_f64();
+        let allowed = LIMIT as f64 * elapsed + burst;
+        assert!(
+            status.bytes_copied as f64 <= allowed,
+            "{} bytes copied after {elapsed:.3} s, over the limit ({allowed:.0})",
+            status.bytes_copied
+        );
+        samples += 1;
+        if status.phase != JobPhase::Copying {
+            assert_eq!(status.phase, JobPhase::Ready);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the copy hangs"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = started.elapsed();
+    let floor = (N as f64 - burst) / LIMIT as f64;
+    assert!(
+        elapsed.as_secs_f64() >= floor,
+        "{N} bytes at {LIMIT} B/s took {elapsed:?}, less than {floor:.3} s"
+    );
+    println!(
+        "bandwidth: {N} bytes at {LIMIT} B/s took {elapsed:?} (N/limit = {:.3} s, floor with \
+         burst {floor:.3} s), {samples} samples",
+        N as f64 / LIMIT as f64
+    );
+    assert_eq!(job.status().bytes_copied, N);
+    drop(job);
+    assert_eq!(
+        std::fs::read(&destination).expect("read"),
+        std::fs::read(&source).expect("read")
+    );
+}
+
+#[test]
+fn the_switch_reports_its_pause() {
+    let s = sim_job();
+    s.to_ready();
+    assert_eq!(s.events(), vec![Event::Ready]);
+    assert_eq!(s.job.status().switch_pause, None);
+    let report = s.job.switch().expect("switch");
+    assert!(report.pause > Duration::ZERO);
+    assert_eq!(report.seq, s.recovered().seq);
+    assert_eq!(s.recovered().record.phase, Phase::Switched);
+    let status = s.job.status();
+    assert_eq!(status.phase, JobPhase::Switched);
+    assert_eq!(status.switch_pause, Some(report.pause));
+    assert!(!status.ready);
+    assert_eq!(
+        s.events(),
+        vec![Event::Switched {
+            pause: report.pause
+        }]
+    );
+    s.job.complete().expect("complete");
+    assert_eq!(s.events(), vec![Event::Completed]);
+    assert_eq!(s.job.status().switch_pause, Some(report.pause));
+}
+
+/// A source write that fails after part of it landed must not leave the
+/// images different where the destination was already copied: the guest
+/// would see bytes change at the switch without writing them.
+#[test]
+fn a_partly_landed_failed_source_write_is_resynced_to_the_destination() {
+    let s = sim_job_at(Stage::Ready);
+    let guest = s.job.guest();
+    s.source.fail_next_write(IoKind::Other, 1024);
+    guest
+        .write(G, &pattern(80, 4096), false)
+        .expect_err("the source write fails");
+    let mut before_switch = vec![0u8; 4096];
+    guest.read(G, &mut before_switch).unwrap();
+    assert_eq!(
+        &before_switch[..1024],
+        &pattern(80, 4096)[..1024],
+        "the landed part"
+    );
+    s.job.switch().expect("switch");
+    let mut after_switch = vec![0u8; 4096];
+    guest.read(G, &mut after_switch).unwrap();
+    assert_eq!(
+        before_switch, after_switch,
+        "the guest saw bytes change at the switch"
+    );
+}
