@@ -18,12 +18,14 @@
 //! 3. A failed fsync/fdatasync is fatal for that file; never retried.
 //! 4. Only `storage` opens, reads, writes or syncs files.
 
+pub mod control;
 pub mod engine;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod journal;
 pub mod restart;
+pub mod socket;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};

@@ -371,6 +371,10 @@ pub fn decode(block: &[u8]) -> Result<Frame, Defect> {
     if content != content_crc(seq, &payload) {
         return Err(Defect::Field("content checksum"));
     }
+    if kind == Kind::Record && seq == u64::MAX {
+        // Reserved: the next record's number must exist.
+        return Err(Defect::Field("sequence number u64::MAX"));
+    }
     if kind == Kind::Record && seq % u64::from(SLOTS) != u64::from(slot) {
         return Err(Defect::Field("sequence number does not belong in its slot"));
     }

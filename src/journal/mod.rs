@@ -304,8 +304,19 @@ pub fn repair<S: Storage>(
         let offset = repair.source.offset() as usize;
         let frame = format::decode(&image[offset..offset + BLOCK_SIZE])
             .map_err(|d| Error::Corrupt(format!("repair source {} changed: {d}", repair.source)))?;
-        write_block(storage, &frame.at(repair.target))?;
+        let rewritten = frame.at(repair.target);
+        write_block(storage, &rewritten)?;
         sync(storage)?;
+        // The plan assumed this copy now exists; if the medium does not give
+        // it back, stop before a later step overwrites another copy of it.
+        let mut back = vec![0u8; BLOCK_SIZE];
+        let read = storage.read_at(repair.target.offset(), &mut back);
+        if read.is_err() || back[..] != format::encode(&rewritten)[..] {
+            return Err(Error::Corrupt(format!(
+                "the repaired copy at {} does not read back; stopped repairing",
+                repair.target
+            )));
+        }
     }
     Ok(recovered.repairs.clone())
 }
@@ -327,6 +338,7 @@ pub fn resolve<S: Storage>(
     let identity = analysis.newest_readable.as_ref().ok_or_else(|| {
         Error::Corrupt("no readable record says which images the job used".into())
     })?;
+    // Decoding refuses u64::MAX, so neither of these overflows.
     let seq = analysis.max_seq_seen.map_or(1, |s| s + 1);
     let mut image = vec![0u8; JOURNAL_LEN as usize];
     for position in Position::all() {

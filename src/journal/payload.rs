@@ -242,8 +242,8 @@ impl RecordV1 {
         {
             return Err("source and destination are the same image");
         }
-        if self.writer_epoch == 0 {
-            return Err("writer epoch 0");
+        if self.writer_epoch == 0 || self.writer_epoch == u64::MAX {
+            return Err("writer epoch 0 or u64::MAX");
         }
         Ok(())
     }

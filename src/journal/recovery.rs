@@ -850,39 +850,59 @@ fn rank(s: &Seen) -> Option<(u8, u64)> {
     }
 }
 
-/// First, both copies of the newest record S are put in place, from wherever
-/// a copy of S is (possibly misdirected, possibly in another slot: hence
-/// first, before any other repair may overwrite it). Then, for each other
-/// pair of copies where one is valid and the other is not the same block,
-/// the other is rewritten from it. A repair never targets the best copy of a
-/// pair, so it never destroys the only valid copy of anything.
+/// What a block holds, for planning repairs: kind, sequence, content.
+type Content = (Kind, u64, u32);
+
+fn content(s: &Seen) -> Option<Content> {
+    let f = s.frame.as_ref()?;
+    matches!(s.report.class, Class::Valid | Class::Misplaced).then_some((
+        f.kind,
+        f.seq,
+        f.content_crc,
+    ))
+}
+
+/// Plans the rewrites that put every damaged copy back from an intact one.
+///
+/// Wanted: both copies of the newest record S in S's slot, both copies of
+/// S-1 in its slot (when a copy of S-1 exists anywhere: misdirected copies
+/// count), and for every other pair, both copies equal to the better one.
+///
+/// Safety: a rewrite never destroys the last copy of S, of S-1 or of the
+/// header. Rewrites are ordered so that a block holding the only copy of one
+/// of them is overwritten only after that content was written elsewhere;
+/// whatever cannot be ordered that way is left undone (recovery still
+/// returns S; the rest waits for the next repair or an operator).
 fn repairs(seen: &[Seen], newest: u64) -> Vec<Repair> {
-    let mut out = Vec::new();
-    let newest_slot = slot_of(newest);
-    let copies_of_newest: Vec<Position> = seen
-        .iter()
-        .filter(|s| any_record(s).is_some_and(|(f, _)| f.seq == newest))
-        .map(|s| s.report.position)
-        .collect();
-    let in_place = |p: &Position| valid_record(at(seen, *p)).is_some_and(|(f, _)| f.seq == newest);
-    let source = copies_of_newest
-        .iter()
-        .copied()
-        .find(|p| in_place(p))
-        .or(copies_of_newest.first().copied())
-        .expect("the newest record has a copy");
-    for copy in 0..2 {
-        let target = Position::Slot {
-            slot: newest_slot,
-            copy,
+    let copies_of = |seq: u64| -> Vec<Position> {
+        let mut found: Vec<&Seen> = seen
+            .iter()
+            .filter(|s| any_record(s).is_some_and(|(f, _)| f.seq == seq))
+            .collect();
+        // In-place copies first: the preferred source.
+        found.sort_by_key(|s| s.report.class != Class::Valid);
+        found.iter().map(|s| s.report.position).collect()
+    };
+    // (target, source) for every position that should change.
+    let mut wanted: Vec<Repair> = Vec::new();
+    let mut placed_slots = Vec::new();
+    for seq in [Some(newest), newest.checked_sub(1)].into_iter().flatten() {
+        let Some(&source) = copies_of(seq).first() else {
+            continue;
         };
-        if !in_place(&target) {
-            out.push(Repair { target, source });
+        let slot = slot_of(seq);
+        placed_slots.push(slot);
+        for copy in 0..2 {
+            let target = Position::Slot { slot, copy };
+            let holds = valid_record(at(seen, target)).is_some_and(|(f, _)| f.seq == seq);
+            if !holds {
+                wanted.push(Repair { target, source });
+            }
         }
     }
     let firsts = std::iter::once(Position::Header { copy: 0 }).chain(
         (0..SLOTS)
-            .filter(|&slot| slot != newest_slot)
+            .filter(|slot| !placed_slots.contains(slot))
             .map(|slot| Position::Slot { slot, copy: 0 }),
     );
     for first in firsts {
@@ -893,16 +913,39 @@ fn repairs(seen: &[Seen], newest: u64) -> Vec<Repair> {
             (Some(_), None) => (a, b),
             (None, None) => continue,
         };
-        let same = matches!((&best.frame, &other.frame),
-            (Some(x), Some(y)) if other.report.class == Class::Valid && x.content_crc == y.content_crc && x.seq == y.seq && x.kind == y.kind);
+        let same = other.report.class == Class::Valid && content(best) == content(other);
         if !same {
-            out.push(Repair {
+            wanted.push(Repair {
                 target: other.report.position,
                 source: best.report.position,
             });
         }
     }
-    out
+
+    // Order them so that no write destroys the last copy of what matters.
+    let mut holds: Vec<Option<Content>> = seen.iter().map(content).collect();
+    let precious: Vec<Content> = seen
+        .iter()
+        .filter_map(content)
+        .filter(|c| {
+            c.0 == Kind::Header || (c.0 == Kind::Record && (c.1 == newest || c.1 + 1 == newest))
+        })
+        .collect();
+    let copies =
+        |holds: &[Option<Content>], c: Content| holds.iter().filter(|h| **h == Some(c)).count();
+    let mut ordered = Vec::new();
+    let mut pending = wanted;
+    loop {
+        let safe = pending.iter().position(|r| match holds[r.target.block()] {
+            Some(c) if precious.contains(&c) => copies(&holds, c) >= 2,
+            _ => true,
+        });
+        let Some(index) = safe else { break };
+        let repair = pending.remove(index);
+        holds[repair.target.block()] = content(&seen[repair.source.block()]);
+        ordered.push(repair);
+    }
+    ordered
 }
 
 /// Lower-case hex of `bytes`.
