@@ -21,9 +21,11 @@
 pub mod control;
 pub mod engine;
 pub mod error;
+pub mod export;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod journal;
+pub mod nbd;
 pub mod restart;
 pub mod socket;
 pub mod storage;

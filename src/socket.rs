@@ -6,10 +6,17 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// Longest socket path the kernel takes (`sun_path` minus its NUL).
+const SUN_PATH_MAX: usize = 107;
+
 /// Binds a listening Unix socket at `path` with mode 0600, with no moment at
 /// which another user could connect: the socket is bound inside a fresh
-/// directory of mode 0700, made 0600, then renamed into place (refusing to
-/// replace anything but a stale socket).
+/// directory of mode 0700, made 0600, then renamed into place without
+/// replacing anything. A stale socket left by a dead server is removed
+/// first; anything else at `path` is refused. (If the temporary path would
+/// be too long for a socket address but `path` is not, it is bound in place
+/// and made 0600 at once; in that short window its mode is what the umask
+/// allows.)
 pub fn bind_private(path: &Path) -> Result<UnixListener> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -17,7 +24,6 @@ pub fn bind_private(path: &Path) -> Result<UnixListener> {
     };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-            // A socket left by a dead server: reuse the name only if nobody answers.
             if UnixStream::connect(path).is_ok() {
                 return Err(Error::InvalidInput(format!(
                     "{} is in use by a running server",
@@ -35,27 +41,53 @@ pub fn bind_private(path: &Path) -> Result<UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io_at("stat", path, e)),
     }
-    let mut suffix = [0u8; 8];
+    let mut suffix = [0u8; 6];
     crate::random_bytes(&mut suffix);
     let private = parent.join(format!(
         ".copyctl-{}",
         crate::journal::recovery::hex(&suffix)
     ));
+    let staged = private.join("s");
+    let len = |p: &Path| p.as_os_str().len();
+    if len(&staged) > SUN_PATH_MAX && len(path) <= SUN_PATH_MAX {
+        let listener = UnixListener::bind(path).map_err(|e| Error::io_at("bind", path, e))?;
+        if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            let _ = std::fs::remove_file(path);
+            return Err(Error::io_at("chmod", path, e));
+        }
+        return Ok(listener);
+    }
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&private)
         .map_err(|e| Error::io_at("mkdir", &private, e))?;
-    let staged = private.join("socket");
     let result = (|| {
         let listener = UnixListener::bind(&staged).map_err(|e| Error::io_at("bind", &staged, e))?;
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::io_at("chmod", &staged, e))?;
-        std::fs::rename(&staged, path).map_err(|e| Error::io_at("rename", path, e))?;
+        rename_noreplace(&staged, path).map_err(|e| Error::io_at("rename", path, e))?;
         Ok(listener)
     })();
-    let _ = std::fs::remove_file(&staged);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
     let _ = std::fs::remove_dir(&private);
     result
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        // A file system without RENAME_NOREPLACE: check, then rename.
+        Err(rustix::io::Errno::INVAL) => {
+            if std::fs::symlink_metadata(to).is_ok() {
+                return Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists));
+            }
+            std::fs::rename(from, to)
+        }
+        Err(e) => Err(std::io::Error::from(e)),
+    }
 }
 
 use std::os::unix::fs::DirBuilderExt;

@@ -91,3 +91,62 @@ impl<S: Storage + 'static, J: Storage + 'static> Controller for JobController<S,
         Some(self.job.subscribe())
     }
 }
+
+/// Drives nothing but the journal: what `serve` runs when it restarts on a
+/// job that already switched or ended, and serves the authoritative image
+/// itself. Status reports the journal's phase; `complete` records a switch
+/// that was never completed; switch and abort have nothing to act on.
+pub struct JournalController<J: Storage + 'static> {
+    journal: std::sync::Mutex<crate::journal::Journal<J>>,
+}
+
+impl<J: Storage + 'static> JournalController<J> {
+    /// Wraps a journal this process took over (see `Journal::resume`).
+    pub fn new(journal: crate::journal::Journal<J>) -> Self {
+        JournalController {
+            journal: std::sync::Mutex::new(journal),
+        }
+    }
+
+    fn journal(&self) -> std::sync::MutexGuard<'_, crate::journal::Journal<J>> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<J: Storage + 'static> Controller for JournalController<J> {
+    fn status(&self) -> Value {
+        let journal = self.journal();
+        let record = journal.record();
+        json!({
+            "phase": record.phase.name(),
+            "ready": false,
+            "copying": false,
+            "authoritative": record.authoritative.name(),
+            "seq": journal.seq(),
+        })
+    }
+    fn switch(&self) -> Result<Value> {
+        Err(crate::Error::InvalidInput(format!(
+            "no copy runs: the job is {}",
+            self.journal().record().phase.name()
+        )))
+    }
+    fn complete(&self) -> Result<Value> {
+        let mut journal = self.journal();
+        let phase = journal.record().phase;
+        if phase != crate::journal::Phase::Switched {
+            return Err(crate::Error::InvalidInput(format!(
+                "complete needs a switched job; it is {}",
+                phase.name()
+            )));
+        }
+        let copied = journal.record().bytes_copied;
+        Ok(json!({"seq": journal.commit(crate::journal::Phase::Completed, copied)?}))
+    }
+    fn abort(&self) -> Result<Value> {
+        self.switch()
+    }
+    fn subscribe(&self) -> Option<Receiver<Event>> {
+        None
+    }
+}

@@ -70,3 +70,43 @@ pub fn start(
     let journal = journal::create_file(journal_path, first)?;
     Job::new(journal, source, destination, config)
 }
+
+/// Takes over an unfinished job after a crash: opens the journal as
+/// recovery must, repairs damaged copies (after a backup), and, if the job
+/// was Copying or Ready, starts its copy over from the beginning under a new
+/// writer epoch (the destination may have missed writes that were in flight
+/// when the engine died). The images must still be the files the journal
+/// recorded (same device and inode). Copy workers are not started.
+pub fn resume(journal_path: &Path, config: Config) -> Result<FileJob> {
+    let opened = journal::open_file(journal_path, crate::storage::JournalAccess::Exclusive)?;
+    let recovered = opened.analysis.outcome.map_err(Error::Refused)?;
+    journal::repair(&opened.storage, &recovered, |image| {
+        crate::storage::write_backup_copy(journal_path, image).map(drop)
+    })?;
+    let record = &recovered.record;
+    if !matches!(record.phase, Phase::Copying | Phase::Ready) {
+        return Err(Error::InvalidInput(format!(
+            "the job is {}; only a copying or ready job can be resumed",
+            record.phase.name()
+        )));
+    }
+    let source = open_recorded(&record.source)?;
+    let destination = open_recorded(&record.destination)?;
+    let mut journal = journal::Journal::resume(opened.storage, &recovered)?;
+    journal.commit(Phase::Copying, 0)?;
+    Job::new(journal, source, destination, config)
+}
+
+/// Opens the image a record names, refusing if the path now names another
+/// file than the one the job started with.
+pub fn open_recorded(image: &ImageRecord) -> Result<FileStorage> {
+    let storage = FileStorage::open_image(Path::new(&image.path), true)?;
+    let now = storage.identity()?;
+    if (now.device, now.inode) != (image.device, image.inode) {
+        return Err(Error::InvalidInput(format!(
+            "{} is not the file the job started with (device {} inode {} then, device {} inode {} now)",
+            image.path, image.device, image.inode, now.device, now.inode
+        )));
+    }
+    Ok(storage)
+}

@@ -85,10 +85,7 @@ mod tests {
         }
         let full = Error::io("pwrite", io::Error::from(io::ErrorKind::StorageFull));
         assert_eq!(errno_for(&full), proto::ENOSPC);
-        assert_eq!(
-            errno_for(&Error::Poisoned { what: "engine" }),
-            proto::EIO
-        );
+        assert_eq!(errno_for(&Error::Poisoned { what: "engine" }), proto::EIO);
         assert_eq!(errno_for(&Error::Corrupt("x".into())), proto::EIO);
     }
 }

@@ -737,23 +737,22 @@ fn read_vec(reader: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
     Ok(data)
 }
 
-/// Reads one option. Data up to `keep` bytes comes back; data up to
-/// `discard_limit` bytes is read and thrown away (`None`: answer
-/// `NBD_REP_ERR_TOO_BIG`); a longer length is a [`ProtoError::TooBig`]
-/// without reading it (drop the connection).
-pub fn read_option(
+/// Reads the data of an option whose header is `header`. Data up to `keep`
+/// bytes comes back; data up to `discard_limit` bytes is read and thrown
+/// away (`None`: answer `NBD_REP_ERR_TOO_BIG`); a longer length is a
+/// [`ProtoError::TooBig`] without reading it (drop the connection).
+pub fn read_option_data(
     reader: &mut impl Read,
+    header: &OptionHeader,
     keep: u32,
     discard_limit: u32,
-) -> Result<(OptionHeader, Option<Vec<u8>>), ReadError> {
-    let header = parse_option_header(&read_array(reader)?)?;
+) -> Result<Option<Vec<u8>>, ReadError> {
     if header.length <= keep {
-        let data = read_vec(reader, header.length as usize)?;
-        return Ok((header, Some(data)));
+        return Ok(Some(read_vec(reader, header.length as usize)?));
     }
     if header.length <= discard_limit {
         discard(reader, u64::from(header.length))?;
-        return Ok((header, None));
+        return Ok(None);
     }
     Err(ProtoError::TooBig {
         what: "option",
@@ -763,26 +762,37 @@ pub fn read_option(
     .into())
 }
 
-/// Reads one request and, for a WRITE, its payload: kept up to
-/// `max_payload` bytes, read and thrown away up to `discard_limit` bytes,
-/// and a [`ProtoError::TooBig`] beyond (drop the connection: the stream
-/// cannot be resynchronised without reading it).
-pub fn read_request(
+/// Reads one option, header and data, with the limits of
+/// [`read_option_data`].
+pub fn read_option(
     reader: &mut impl Read,
+    keep: u32,
+    discard_limit: u32,
+) -> Result<(OptionHeader, Option<Vec<u8>>), ReadError> {
+    let header = parse_option_header(&read_array(reader)?)?;
+    let data = read_option_data(reader, &header, keep, discard_limit)?;
+    Ok((header, data))
+}
+
+/// Reads the payload that follows `request`: nothing unless it is a WRITE;
+/// kept up to `max_payload` bytes, read and thrown away up to
+/// `discard_limit` bytes, and a [`ProtoError::TooBig`] beyond (drop the
+/// connection: the stream cannot be resynchronised without reading it).
+pub fn read_payload(
+    reader: &mut impl Read,
+    request: &Request,
     max_payload: u32,
     discard_limit: u32,
-) -> Result<(Request, Payload), ReadError> {
-    let request = parse_request(&read_array(reader)?)?;
+) -> Result<Payload, ReadError> {
     if request.command != Command::Write {
-        return Ok((request, Payload::None));
+        return Ok(Payload::None);
     }
     if request.length <= max_payload {
-        let data = read_vec(reader, request.length as usize)?;
-        return Ok((request, Payload::Data(data)));
+        return Ok(Payload::Data(read_vec(reader, request.length as usize)?));
     }
     if request.length <= discard_limit {
         discard(reader, u64::from(request.length))?;
-        return Ok((request, Payload::Discarded));
+        return Ok(Payload::Discarded);
     }
     Err(ProtoError::TooBig {
         what: "write payload",
@@ -790,6 +800,17 @@ pub fn read_request(
         max: u64::from(discard_limit),
     }
     .into())
+}
+
+/// Reads one request and its payload, with the limits of [`read_payload`].
+pub fn read_request(
+    reader: &mut impl Read,
+    max_payload: u32,
+    discard_limit: u32,
+) -> Result<(Request, Payload), ReadError> {
+    let request = parse_request(&read_array(reader)?)?;
+    let payload = read_payload(reader, &request, max_payload, discard_limit)?;
+    Ok((request, payload))
 }
 
 #[cfg(test)]
@@ -1116,7 +1137,10 @@ mod tests {
             offset: 0,
             length: u32::MAX,
         });
-        assert_eq!(read_request(&mut &read[..], 10, 100).unwrap().1, Payload::None);
+        assert_eq!(
+            read_request(&mut &read[..], 10, 100).unwrap().1,
+            Payload::None
+        );
         assert!(matches!(
             read_request(&mut &write(5)[..20], 10, 100),
             Err(ReadError::Io(_))

@@ -8,6 +8,7 @@ mod engine_crash;
 mod fuzz_corpus;
 mod golden;
 mod model;
+mod nbd;
 mod recovery_table;
 mod sim;
 mod support;

@@ -52,6 +52,22 @@ pub enum Command {
     /// a writing guest, a switch, a kill -9, recovery, and a check of every
     /// acknowledged write.
     Demo(DemoArgs),
+    /// Export the live disk over NBD while it is copied; take management
+    /// commands on a control socket.
+    ///
+    /// With a new journal path the copy starts at once. With an existing
+    /// journal, recovery runs first: a switched or ended job serves its
+    /// authoritative image; an unfinished one needs --resume; a refusal
+    /// stops with recover's exit code. Runs until killed.
+    Serve(ServeArgs),
+    /// Show a serving engine's state.
+    Status(ControlArgs),
+    /// Hand the guest over to the destination (the copy must be ready).
+    Switch(ControlArgs),
+    /// Record that the switch is acknowledged; the source may be released.
+    Complete(ControlArgs),
+    /// Abandon the copy before the switch; the source stays authoritative.
+    Abort(ControlArgs),
     /// (internal) The engine process `demo` starts and kills.
     #[command(hide = true)]
     DemoEngine(DemoEngineArgs),
@@ -140,4 +156,55 @@ pub enum Authority {
     Source,
     /// The copy.
     Destination,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The journal: created for a new job, recovered if it exists.
+    #[arg(long)]
+    pub journal: PathBuf,
+    /// The source image.
+    #[arg(long)]
+    pub source: PathBuf,
+    /// The destination image (created when missing).
+    #[arg(long = "dest", alias = "destination")]
+    pub destination: PathBuf,
+    /// The NBD Unix socket to create (mode 0600).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// The control socket to create (mode 0600).
+    #[arg(long)]
+    pub control: PathBuf,
+    /// Also serve NBD on this TCP address (e.g. 127.0.0.1:10809). NBD has
+    /// no authentication: only on a trusted network.
+    #[arg(long)]
+    pub tcp: Option<String>,
+    /// The export name clients ask for.
+    #[arg(long, default_value = "")]
+    pub export: String,
+    /// Start the copy of an unfinished job over (the journal says copying
+    /// or ready).
+    #[arg(long)]
+    pub resume: bool,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// The control socket of `copyctl serve`.
+    #[arg(long)]
+    pub control: PathBuf,
+    /// For switch: wait up to this many seconds for the copy to be ready.
+    #[arg(long, default_value_t = 0)]
+    pub wait: u64,
+}
+
+/// The control commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlCommand {
+    Status,
+    Switch,
+    Complete,
+    Abort,
 }

@@ -6,6 +6,7 @@
 //! listed in `exit` and in README.md.
 
 mod args;
+mod control;
 mod copy;
 mod demo;
 mod exit;
@@ -13,6 +14,7 @@ mod inspect;
 mod output;
 mod recover;
 mod resolve;
+mod serve;
 mod size;
 
 use std::process::ExitCode;
@@ -28,6 +30,11 @@ fn main() -> ExitCode {
         args::Command::Copy(a) => copy::run(a, args.output),
         args::Command::Demo(a) => demo::run(a, args.output),
         args::Command::DemoEngine(a) => demo::engine(a),
+        args::Command::Serve(a) => serve::run(a, args.output),
+        args::Command::Status(a) => control::run(args::ControlCommand::Status, a, args.output),
+        args::Command::Switch(a) => control::run(args::ControlCommand::Switch, a, args.output),
+        args::Command::Complete(a) => control::run(args::ControlCommand::Complete, a, args.output),
+        args::Command::Abort(a) => control::run(args::ControlCommand::Abort, a, args.output),
     };
     match result {
         Ok(code) => code.into(),

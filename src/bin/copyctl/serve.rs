@@ -1,0 +1,154 @@
+//! `copyctl serve`: export the live disk over NBD while the copy runs, and
+//! take management commands on a control socket.
+//!
+//! A new journal path starts a new job at once. An existing journal is
+//! recovered first: a job that switched or ended serves its authoritative
+//! image; an unfinished one (copying or ready) is refused unless `--resume`
+//! says to start its copy over; a refusal of recovery stops here with
+//! recover's exit code.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use livecopy::control::{self, Controller, JobController, JournalController};
+use livecopy::engine::files;
+use livecopy::export::ImageDevice;
+use livecopy::journal::{self, Journal, Phase, Side};
+use livecopy::nbd::{self, ExportDevice};
+use livecopy::storage::{self, JournalAccess};
+use serde_json::json;
+
+use crate::args::{Output, ServeArgs};
+use crate::exit::Exit;
+use crate::output::emit;
+
+/// What to serve and who drives it.
+struct Plan {
+    device: Arc<dyn ExportDevice>,
+    controller: Arc<dyn Controller>,
+    phase: String,
+    authoritative: Side,
+    /// Keeps the job (and its workers) alive while serving.
+    _job: Option<Arc<files::FileJob>>,
+}
+
+fn new_job(args: &ServeArgs) -> anyhow::Result<Plan> {
+    crate::copy::ensure_destination(&args.source, &args.destination)?;
+    let job = files::start(
+        &args.journal,
+        &args.source,
+        &args.destination,
+        crate::copy::config(&args.tuning),
+    )?;
+    running(job)
+}
+
+fn running(mut job: files::FileJob) -> anyhow::Result<Plan> {
+    job.start_workers();
+    let job = Arc::new(job);
+    Ok(Plan {
+        device: Arc::new(job.guest()),
+        controller: Arc::new(JobController::new(Arc::clone(&job))),
+        phase: job.status().phase.name().into(),
+        authoritative: Side::Source,
+        _job: Some(job),
+    })
+}
+
+fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
+    let opened = journal::open_file(&args.journal, JournalAccess::Exclusive)?;
+    let recovered = match opened.analysis.outcome {
+        Ok(r) => r,
+        Err(refusal) => {
+            eprintln!("copyctl: recovery refused: {refusal}");
+            return Ok(Err(Exit::of_refusal(refusal.reason)));
+        }
+    };
+    journal::repair(&opened.storage, &recovered, |image| {
+        storage::write_backup_copy(&args.journal, image).map(drop)
+    })?;
+    let record = &recovered.record;
+    if matches!(record.phase, Phase::Copying | Phase::Ready) {
+        if !args.resume {
+            anyhow::bail!(livecopy::Error::InvalidInput(format!(
+                "{} holds an unfinished job ({}, the source is authoritative); \
+                 pass --resume to start its copy over",
+                args.journal.display(),
+                record.phase.name()
+            )));
+        }
+        // Release the lock: resume takes it again.
+        drop(opened.storage);
+        return Ok(Ok(running(files::resume(
+            &args.journal,
+            crate::copy::config(&args.tuning),
+        )?)?));
+    }
+    let image = match record.authoritative {
+        Side::Source => &record.source,
+        Side::Destination => &record.destination,
+    };
+    let storage = files::open_recorded(image)?;
+    let authoritative = record.authoritative;
+    let phase = record.phase.name().to_string();
+    // Holding the journal keeps its lock: no second engine while we serve.
+    let journal = Journal::resume(opened.storage, &recovered)?;
+    Ok(Ok(Plan {
+        device: Arc::new(ImageDevice::new(storage)?),
+        controller: Arc::new(JournalController::new(journal)),
+        phase,
+        authoritative,
+        _job: None,
+    }))
+}
+
+pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
+    let plan = if storage::stat_identity(&args.journal)?.is_some()
+        || Path::new(&args.journal).is_symlink()
+    {
+        match existing_job(args)? {
+            Ok(plan) => plan,
+            Err(exit) => return Ok(exit),
+        }
+    } else {
+        new_job(args)?
+    };
+    let unix = nbd::bind_unix(&args.socket, Arc::clone(&plan.device), &args.export)?.spawn();
+    let tcp = match &args.tcp {
+        Some(addr) => {
+            Some(nbd::bind_tcp(addr.as_str(), Arc::clone(&plan.device), &args.export)?.spawn())
+        }
+        None => None,
+    };
+    let control = control::serve(&args.control, Arc::clone(&plan.controller))?;
+    let json = json!({
+        "event": "serving",
+        "socket": args.socket,
+        "tcp": tcp.as_ref().and_then(|t| t.local_addr()).map(|a| a.to_string()),
+        "control": args.control,
+        "export": args.export,
+        "phase": plan.phase,
+        "authoritative": plan.authoritative.name(),
+        "pid": std::process::id(),
+    });
+    let human = format!(
+        "serving {} export {:?} on {} ({}; {} authoritative); control on {}\n",
+        if plan._job.is_some() {
+            "the live copy as"
+        } else {
+            "the image as"
+        },
+        args.export,
+        args.socket.display(),
+        plan.phase,
+        plan.authoritative.name(),
+        args.control.display()
+    );
+    emit(out, json, &human)?;
+    // Serve until killed. Every acknowledged flush is already durable and
+    // the journal says which image holds it, so any way of stopping is safe.
+    loop {
+        std::thread::park();
+        let _ = (&unix, &tcp, &control);
+    }
+}

@@ -1,0 +1,919 @@
+//! Sockets, the handshake and the request pipeline.
+//!
+//! One thread accepts; each connection gets a thread that does the
+//! handshake and then reads requests, and up to [`MAX_IN_FLIGHT`] worker
+//! threads (started as the pipeline fills) that call the device and write
+//! the replies, under a mutex on the socket's write half. Replies go out in
+//! completion order, matched by the client's handle.
+//!
+//! A connection that breaks the protocol, or whose client vanishes, ends
+//! alone; the others keep going. The library prints nothing: what happened
+//! is counted in [`Stats`].
+//!
+//! FLUSH ordering: requests are numbered as they are read; a FLUSH waits
+//! until every request numbered before it has been answered, then calls
+//! [`ExportDevice::flush`]. That covers every write the client saw
+//! completed before it sent the FLUSH (and a few more).
+
+use std::collections::BTreeSet;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use super::ExportDevice;
+use super::errno_for;
+use super::proto::{
+    self, ClientOption, Command, InfoRequest, OptionHeader, Payload, ProtoError, ReadError, Request,
+};
+use crate::error::{Error, Result};
+
+/// Requests one connection may have in flight (QEMU's `MAX_NBD_REQUESTS`).
+pub const MAX_IN_FLIGHT: usize = 16;
+/// Option data kept in memory; longer options are answered
+/// `NBD_REP_ERR_TOO_BIG` (a name is at most 4096 bytes).
+const MAX_OPTION_DATA: u32 = 8 << 10;
+/// Option data read and thrown away; longer ends the connection.
+const OPTION_DISCARD_LIMIT: u32 = 1 << 20;
+/// WRITE payloads over [`proto::MAX_PAYLOAD`] up to this are read, thrown
+/// away and answered `EINVAL`; longer ends the connection.
+const WRITE_DISCARD_LIMIT: u32 = 128 << 20;
+/// Options one connection may send before it is considered abusive.
+const MAX_OPTIONS: usize = 1024;
+/// How long a client may take over each read during the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the accept loop looks at the stop flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+/// Counters, for logs and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Connections open now.
+    pub active: u64,
+    /// Requests received in the transmission phase.
+    pub requests: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+    /// Connections ended by a protocol violation, a stream error or a
+    /// client that vanished mid-message.
+    pub dropped: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    active: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    dropped: AtomicU64,
+}
+
+struct Shared {
+    device: Arc<dyn ExportDevice>,
+    name: String,
+    read_only: AtomicBool,
+    stop: AtomicBool,
+    running: AtomicBool,
+    counters: Counters,
+    connections: Mutex<Vec<Connection>>,
+}
+
+struct Connection {
+    stream: Stream,
+    thread: JoinHandle<()>,
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// The socket file a Unix listener owns, removed when the server goes if
+/// it is still the same file.
+struct SocketFile {
+    path: PathBuf,
+    identity: (u64, u64),
+}
+
+/// An NBD server for one export. Build it with [`bind_unix`] or
+/// [`bind_tcp`], then [`run`](Server::run) it on the current thread or
+/// [`spawn`](Server::spawn) it.
+pub struct Server {
+    listener: Listener,
+    shared: Arc<Shared>,
+    socket: Option<SocketFile>,
+}
+
+/// A server running on its own thread; [`shutdown`](ServerHandle::shutdown)
+/// (or dropping the handle) stops it.
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    path: Option<PathBuf>,
+    local_addr: Option<SocketAddr>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn shared(device: Arc<dyn ExportDevice>, name: &str) -> Result<Arc<Shared>> {
+    if name.len() > proto::MAX_STRING || name.contains('\0') {
+        return Err(Error::InvalidInput(format!(
+            "export name must be at most {} bytes without NUL",
+            proto::MAX_STRING
+        )));
+    }
+    Ok(Arc::new(Shared {
+        device,
+        name: name.to_string(),
+        read_only: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        running: AtomicBool::new(false),
+        counters: Counters::default(),
+        connections: Mutex::new(Vec::new()),
+    }))
+}
+
+/// Listens on a new Unix socket at `path`, mode 0600, serving `device` as
+/// export `name` (clients asking for `""` get it too). Fails if anything
+/// exists at `path`.
+///
+/// The socket is bound inside a fresh mode-0700 directory next to `path`,
+/// made 0600, and renamed into place without replacing anything, so it is
+/// never reachable by others with a looser mode. (If that temporary path
+/// would be too long for a socket address but `path` is not, it is bound
+/// at `path` directly and made 0600 right after; in that short window its
+/// mode is whatever the umask allows.) The file is removed when the server
+/// is dropped.
+pub fn bind_unix(
+    path: impl AsRef<Path>,
+    device: Arc<dyn ExportDevice>,
+    name: &str,
+) -> Result<Server> {
+    let path = path.as_ref();
+    let shared = shared(device, name)?;
+    let listener = crate::socket::bind_private(path)?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io_at("stat", path, e))?;
+    let socket = SocketFile {
+        path: path.to_path_buf(),
+        identity: (meta.dev(), meta.ino()),
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io_at("fcntl", path, e))?;
+    Ok(Server {
+        listener: Listener::Unix(listener),
+        shared,
+        socket: Some(socket),
+    })
+}
+
+/// Listens on TCP at `addr` (port 0 picks a free one), serving `device`
+/// as export `name`. NBD has no authentication: use it only on networks
+/// where every peer may read and write the export.
+pub fn bind_tcp(
+    addr: impl ToSocketAddrs,
+    device: Arc<dyn ExportDevice>,
+    name: &str,
+) -> Result<Server> {
+    let shared = shared(device, name)?;
+    let listener = TcpListener::bind(addr).map_err(|e| Error::io("bind", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("fcntl", e))?;
+    Ok(Server {
+        listener: Listener::Tcp(listener),
+        shared,
+        socket: None,
+    })
+}
+
+impl Server {
+    /// Serves the export read-only: advertises `READ_ONLY` and answers
+    /// writes, zeroes and trims with `EPERM`.
+    pub fn read_only(self, read_only: bool) -> Self {
+        self.shared.read_only.store(read_only, Ordering::Relaxed);
+        self
+    }
+
+    /// The TCP address, for a TCP server (useful after binding port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.listener {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(_) => None,
+        }
+    }
+
+    /// The socket path, for a Unix server.
+    pub fn path(&self) -> Option<&Path> {
+        self.socket.as_ref().map(|s| s.path.as_path())
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// Asks a running [`run`](Server::run) to stop: it stops accepting,
+    /// closes every connection, waits for their threads and returns.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Accepts connections, one thread each, until
+    /// [`shutdown`](Server::shutdown), then closes them and waits for their
+    /// threads. Returns an error only if the listening socket fails; a
+    /// failing connection ends alone. The accept loop looks at the stop
+    /// flag every 20 ms (the listener is non-blocking), so a new connection
+    /// may wait that long to be accepted.
+    pub fn run(&self) -> Result<()> {
+        if self.shared.running.swap(true, Ordering::SeqCst) {
+            return Err(Error::InvalidInput("the server is already running".into()));
+        }
+        let result = self.accept_loop();
+        self.shared.close_all();
+        self.shared.running.store(false, Ordering::SeqCst);
+        result
+    }
+
+    /// Runs the server on a new thread.
+    pub fn spawn(self) -> ServerHandle {
+        let shared = Arc::clone(&self.shared);
+        let path = self.path().map(Path::to_path_buf);
+        let local_addr = self.local_addr();
+        let thread = thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || self.run());
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // Keep the error for shutdown() to report.
+                let error = Error::io("spawn", e);
+                Some(thread::spawn(move || Err(error)))
+            }
+        };
+        ServerHandle {
+            shared,
+            path,
+            local_addr,
+            thread,
+        }
+    }
+
+    fn accept_loop(&self) -> Result<()> {
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            let accepted = match &self.listener {
+                Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                    let _ = s.set_nodelay(true);
+                    Stream::Tcp(s)
+                }),
+            };
+            match accepted {
+                Ok(stream) => self.shared.start_connection(stream),
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => {}
+                    _ => match e.raw_os_error() {
+                        // Out of descriptors or memory: wait, try again.
+                        Some(23 | 24 | 105 | 12) => thread::sleep(ACCEPT_POLL * 5),
+                        _ => return Err(Error::io("accept", e)),
+                    },
+                },
+            }
+            self.shared.reap();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(socket) = &self.socket
+            && let Ok(meta) = std::fs::symlink_metadata(&socket.path)
+            && (meta.dev(), meta.ino()) == socket.identity
+        {
+            let _ = std::fs::remove_file(&socket.path);
+        }
+    }
+}
+
+impl ServerHandle {
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// The socket path, for a Unix server.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The TCP address, for a TCP server.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// Stops accepting, closes every connection (in-flight requests finish
+    /// first), removes the socket file, and returns the final counters, or
+    /// the error that stopped the accept loop.
+    pub fn shutdown(mut self) -> Result<Stats> {
+        self.stop()?;
+        Ok(self.shared.stats())
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .unwrap_or_else(|_| Err(Error::InvalidInput("the accept thread panicked".into()))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+impl Shared {
+    fn stats(&self) -> Stats {
+        let c = &self.counters;
+        Stats {
+            connections: c.connections.load(Ordering::Relaxed),
+            active: c.active.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    fn start_connection(self: &Arc<Self>, stream: Stream) {
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        // Accepted sockets do not inherit O_NONBLOCK on Linux; make sure.
+        if stream.set_nonblocking(false).is_err() {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Ok(registered) = stream.try_clone() else {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.counters.active.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::clone(self);
+        let spawned = thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn(move || {
+                let end = serve_connection(&shared, stream);
+                if end == End::Dropped {
+                    shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                shared.counters.active.fetch_sub(1, Ordering::Relaxed);
+            });
+        match spawned {
+            Ok(thread) => lock(&self.connections).push(Connection {
+                stream: registered,
+                thread,
+            }),
+            Err(_) => {
+                self.counters.active.fetch_sub(1, Ordering::Relaxed);
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                let _ = registered.shutdown();
+            }
+        }
+    }
+
+    /// Joins the threads of connections that ended.
+    fn reap(&self) {
+        let finished: Vec<Connection> = {
+            let mut all = lock(&self.connections);
+            let (done, open) = std::mem::take(&mut *all)
+                .into_iter()
+                .partition(|c| c.thread.is_finished());
+            *all = open;
+            done
+        };
+        for c in finished {
+            let _ = c.thread.join();
+        }
+    }
+
+    fn close_all(&self) {
+        let all = std::mem::take(&mut *lock(&self.connections));
+        for c in &all {
+            let _ = c.stream.shutdown();
+        }
+        for c in all {
+            let _ = c.thread.join();
+        }
+    }
+
+    fn transmission_flags(&self) -> u16 {
+        let mut flags = proto::TFLAG_HAS_FLAGS
+            | proto::TFLAG_SEND_FLUSH
+            | proto::TFLAG_SEND_FUA
+            | proto::TFLAG_SEND_TRIM
+            | proto::TFLAG_SEND_WRITE_ZEROES;
+        if self.read_only.load(Ordering::Relaxed) {
+            flags |= proto::TFLAG_READ_ONLY;
+        }
+        flags
+    }
+
+    fn serves(&self, name: &str) -> bool {
+        name.is_empty() || name == self.name
+    }
+}
+
+/// A connected socket of either family.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        }
+    }
+
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(timeout),
+            Stream::Tcp(s) => s.set_read_timeout(timeout),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// DISC, ABORT, or the client closed between messages.
+    Clean,
+    /// Protocol violation, stream error, or a half message.
+    Dropped,
+}
+
+impl From<ReadError> for End {
+    fn from(_: ReadError) -> End {
+        End::Dropped
+    }
+}
+
+impl From<io::Error> for End {
+    fn from(_: io::Error) -> End {
+        End::Dropped
+    }
+}
+
+impl From<ProtoError> for End {
+    fn from(_: ProtoError) -> End {
+        End::Dropped
+    }
+}
+
+/// Reads a whole `N`-byte header, or `None` if the stream ends before its
+/// first byte.
+fn read_header<const N: usize>(reader: &mut impl Read) -> io::Result<Option<[u8; N]>> {
+    let mut buf = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(None),
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(buf))
+}
+
+fn serve_connection(shared: &Arc<Shared>, stream: Stream) -> End {
+    let end = (|| {
+        let mut reader = BufReader::with_capacity(128 << 10, stream.try_clone()?);
+        let mut writer = stream.try_clone()?;
+        stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        match handshake(shared, &mut reader, &mut writer)? {
+            Negotiated::Transmission => {}
+            Negotiated::Closed => return Ok(End::Clean),
+        }
+        stream.set_read_timeout(None)?;
+        Ok::<End, End>(transmission(shared, &mut reader, writer))
+    })()
+    .unwrap_or_else(|end| end);
+    let _ = stream.shutdown();
+    end
+}
+
+enum Negotiated {
+    Transmission,
+    Closed,
+}
+
+fn send_reply(writer: &mut impl Write, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
+    writer.write_all(&proto::encode_option_reply(option, reply, data))
+}
+
+fn handshake(
+    shared: &Shared,
+    reader: &mut impl Read,
+    writer: &mut impl Write,
+) -> std::result::Result<Negotiated, End> {
+    writer.write_all(&proto::encode_greeting())?;
+    let Some(flags) = read_header::<4>(reader)? else {
+        return Ok(Negotiated::Closed);
+    };
+    let flags = proto::parse_client_flags(&flags)?;
+    for _ in 0..MAX_OPTIONS {
+        let Some(header) = read_header::<{ proto::OPTION_HEADER_LEN }>(reader)? else {
+            return Ok(Negotiated::Closed);
+        };
+        let header: OptionHeader = proto::parse_option_header(&header)?;
+        let option = header.option;
+        let data = proto::read_option_data(reader, &header, MAX_OPTION_DATA, OPTION_DISCARD_LIMIT)?;
+        let Some(data) = data else {
+            if option == proto::OPT_EXPORT_NAME {
+                // No way to answer an EXPORT_NAME with an error.
+                return Err(End::Dropped);
+            }
+            send_reply(writer, option, proto::REP_ERR_TOO_BIG, b"option too long")?;
+            continue;
+        };
+        let parsed = match proto::parse_option_data(option, &data) {
+            Ok(parsed) => parsed,
+            Err(_) if option == proto::OPT_EXPORT_NAME => return Err(End::Dropped),
+            Err(e) => {
+                send_reply(
+                    writer,
+                    option,
+                    proto::REP_ERR_INVALID,
+                    e.to_string().as_bytes(),
+                )?;
+                continue;
+            }
+        };
+        match parsed {
+            ClientOption::ExportName(name) => {
+                if !shared.serves(&name) {
+                    return Err(End::Dropped);
+                }
+                writer.write_all(&proto::encode_export_name_reply(
+                    shared.device.size(),
+                    shared.transmission_flags(),
+                    flags.no_zeroes,
+                ))?;
+                return Ok(Negotiated::Transmission);
+            }
+            ClientOption::Abort => {
+                // The client may already be gone; that is fine.
+                let _ = send_reply(writer, option, proto::REP_ACK, &[]);
+                return Ok(Negotiated::Closed);
+            }
+            ClientOption::List => {
+                send_reply(
+                    writer,
+                    option,
+                    proto::REP_SERVER,
+                    &proto::encode_rep_server(&shared.name),
+                )?;
+                send_reply(writer, option, proto::REP_ACK, &[])?;
+            }
+            ClientOption::Info(request) => {
+                send_info(shared, writer, option, &request)?;
+            }
+            ClientOption::Go(request) => {
+                if send_info(shared, writer, option, &request)? {
+                    return Ok(Negotiated::Transmission);
+                }
+            }
+            ClientOption::Unsupported(_) => {
+                send_reply(writer, option, proto::REP_ERR_UNSUP, &[])?;
+            }
+        }
+    }
+    Err(End::Dropped)
+}
+
+/// Answers INFO/GO; true if the export was found (and acknowledged).
+fn send_info(
+    shared: &Shared,
+    writer: &mut impl Write,
+    option: u32,
+    request: &InfoRequest,
+) -> io::Result<bool> {
+    if !shared.serves(&request.name) {
+        let message = format!("no export named {:?}", request.name);
+        send_reply(writer, option, proto::REP_ERR_UNKNOWN, message.as_bytes())?;
+        return Ok(false);
+    }
+    // INFO_NAME and INFO_DESCRIPTION requests are optional to honour and
+    // ignored; block sizes are sent whether asked for or not.
+    let export = proto::encode_info_export(shared.device.size(), shared.transmission_flags());
+    send_reply(writer, option, proto::REP_INFO, &export)?;
+    let sizes =
+        proto::encode_info_block_size(proto::MIN_BLOCK, proto::PREFERRED_BLOCK, proto::MAX_PAYLOAD);
+    send_reply(writer, option, proto::REP_INFO, &sizes)?;
+    send_reply(writer, option, proto::REP_ACK, &[])?;
+    Ok(true)
+}
+
+/// The requests of one connection that have been read and not answered,
+/// by sequence number.
+struct Flight {
+    outstanding: Mutex<BTreeSet<u64>>,
+    changed: Condvar,
+}
+
+impl Flight {
+    /// Waits for a free slot, then registers `seq`; returns how many are in
+    /// flight with it.
+    fn enter(&self, seq: u64) -> usize {
+        let mut set = lock(&self.outstanding);
+        while set.len() >= MAX_IN_FLIGHT {
+            set = self
+                .changed
+                .wait(set)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        set.insert(seq);
+        set.len()
+    }
+
+    fn leave(&self, seq: u64) {
+        lock(&self.outstanding).remove(&seq);
+        self.changed.notify_all();
+    }
+
+    /// Waits until every request before `seq` has been answered.
+    fn wait_before(&self, seq: u64) {
+        let mut set = lock(&self.outstanding);
+        while set.first().is_some_and(|&first| first < seq) {
+            set = self
+                .changed
+                .wait(set)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+struct Job {
+    seq: u64,
+    request: Request,
+    payload: Payload,
+}
+
+struct Conn<'a> {
+    shared: &'a Shared,
+    writer: Mutex<Stream>,
+    broken: AtomicBool,
+    flight: Flight,
+}
+
+fn transmission(shared: &Shared, reader: &mut impl Read, writer: Stream) -> End {
+    let conn = Conn {
+        shared,
+        writer: Mutex::new(writer),
+        broken: AtomicBool::new(false),
+        flight: Flight {
+            outstanding: Mutex::new(BTreeSet::new()),
+            changed: Condvar::new(),
+        },
+    };
+    let (sender, receiver) = mpsc::channel::<Job>();
+    let receiver = Mutex::new(receiver);
+    let end = thread::scope(|scope| {
+        let mut workers = 0usize;
+        let mut seq = 0u64;
+        let end = loop {
+            let header = match read_header::<{ proto::REQUEST_LEN }>(reader) {
+                Ok(Some(header)) => header,
+                Ok(None) => break End::Clean,
+                Err(_) => break End::Dropped,
+            };
+            let Ok(request) = proto::parse_request(&header) else {
+                break End::Dropped;
+            };
+            shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let payload = match proto::read_payload(
+                reader,
+                &request,
+                proto::MAX_PAYLOAD,
+                WRITE_DISCARD_LIMIT,
+            ) {
+                Ok(payload) => payload,
+                Err(_) => break End::Dropped,
+            };
+            if request.command == Command::Disc {
+                break End::Clean;
+            }
+            let in_flight = conn.flight.enter(seq);
+            let job = Job {
+                seq,
+                request,
+                payload,
+            };
+            seq += 1;
+            if in_flight > workers && workers < MAX_IN_FLIGHT {
+                let spawned = thread::Builder::new()
+                    .name("nbd-worker".into())
+                    .spawn_scoped(scope, || worker(&conn, &receiver));
+                if spawned.is_ok() {
+                    workers += 1;
+                }
+            }
+            if workers == 0 {
+                conn.run(job);
+            } else if let Err(mpsc::SendError(job)) = sender.send(job) {
+                conn.run(job);
+            }
+        };
+        drop(sender);
+        end
+    });
+    if conn.broken.load(Ordering::SeqCst) {
+        End::Dropped
+    } else {
+        end
+    }
+}
+
+fn worker(conn: &Conn<'_>, receiver: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        let job = lock(receiver).recv();
+        match job {
+            Ok(job) => conn.run(job),
+            Err(_) => return,
+        }
+    }
+}
+
+impl Conn<'_> {
+    fn run(&self, job: Job) {
+        let Job {
+            seq,
+            request,
+            payload,
+        } = job;
+        if request.command == Command::Flush {
+            self.flight.wait_before(seq);
+        }
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.execute(&request, payload)))
+            .unwrap_or(Err(proto::EIO));
+        self.reply(request.handle, outcome);
+        self.flight.leave(seq);
+    }
+
+    /// Performs one request: the reply's data (header space included, for
+    /// a read), or an error number.
+    fn execute(&self, request: &Request, payload: Payload) -> std::result::Result<Vec<u8>, u32> {
+        let device = &*self.shared.device;
+        let read_only = self.shared.read_only.load(Ordering::Relaxed);
+        if request.flags & !request.command.allowed_flags() != 0 {
+            return Err(proto::EINVAL);
+        }
+        let len = u64::from(request.length);
+        let in_range = request
+            .offset
+            .checked_add(len)
+            .is_some_and(|end| end <= device.size());
+        let fua = request.fua();
+        let device_error = |e: Error| errno_for(&e);
+        match request.command {
+            Command::Read => {
+                if request.length > proto::MAX_PAYLOAD || !in_range {
+                    return Err(proto::EINVAL);
+                }
+                let mut buf = vec![0u8; proto::SIMPLE_REPLY_LEN + request.length as usize];
+                device
+                    .read(request.offset, &mut buf[proto::SIMPLE_REPLY_LEN..])
+                    .map_err(device_error)?;
+                Ok(buf)
+            }
+            Command::Write => {
+                let Payload::Data(data) = payload else {
+                    return Err(proto::EINVAL);
+                };
+                if read_only {
+                    return Err(proto::EPERM);
+                }
+                if !in_range {
+                    return Err(proto::ENOSPC);
+                }
+                device
+                    .write(request.offset, &data, fua)
+                    .map_err(device_error)?;
+                Ok(Vec::new())
+            }
+            Command::WriteZeroes => {
+                if read_only {
+                    return Err(proto::EPERM);
+                }
+                if !in_range {
+                    return Err(proto::ENOSPC);
+                }
+                if len > 0 {
+                    device
+                        .write_zeroes(request.offset, len, fua)
+                        .map_err(device_error)?;
+                }
+                Ok(Vec::new())
+            }
+            Command::Trim => {
+                if read_only {
+                    return Err(proto::EPERM);
+                }
+                if !in_range {
+                    return Err(proto::EINVAL);
+                }
+                if len > 0 {
+                    device.trim(request.offset, len).map_err(device_error)?;
+                }
+                if fua {
+                    device.flush().map_err(device_error)?;
+                }
+                Ok(Vec::new())
+            }
+            Command::Flush => {
+                device.flush().map_err(device_error)?;
+                Ok(Vec::new())
+            }
+            Command::Disc | Command::Other(_) => Err(proto::EINVAL),
+        }
+    }
+
+    fn reply(&self, handle: u64, outcome: std::result::Result<Vec<u8>, u32>) {
+        if self.broken.load(Ordering::SeqCst) {
+            return;
+        }
+        let (error, mut bytes) = match outcome {
+            Ok(bytes) if !bytes.is_empty() => (0, bytes),
+            Ok(_) => (0, vec![0u8; proto::SIMPLE_REPLY_LEN]),
+            Err(error) => {
+                self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+                (error, vec![0u8; proto::SIMPLE_REPLY_LEN])
+            }
+        };
+        bytes[..proto::SIMPLE_REPLY_LEN]
+            .copy_from_slice(&proto::encode_simple_reply(error, handle));
+        let mut writer = lock(&self.writer);
+        if writer.write_all(&bytes).is_err() {
+            self.broken.store(true, Ordering::SeqCst);
+            // Wake the reader: nobody is listening to the answers.
+            let _ = writer.shutdown();
+        }
+    }
+}
