@@ -113,4 +113,10 @@ mod tests {
         assert_eq!(map.count(), 2);
         assert_eq!(map.memory_bytes(), 32);
     }
+
+    #[test]
+    fn a_tebibyte_at_the_default_granularity_takes_two_mebibytes() {
+        let granules = (1u64 << 40) / (64 << 10);
+        assert_eq!(DirtyBitmap::new(granules).memory_bytes(), 2 << 20);
+    }
 }
