@@ -46,6 +46,10 @@ pub fn start(
             destination.path().display()
         )));
     }
+    // A second job on the same images would mirror into a copy that another
+    // engine also writes.
+    source.lock_exclusive()?;
+    destination.lock_exclusive()?;
     if destination_id.size < source_id.size {
         return Err(Error::InvalidInput(format!(
             "the destination ({} bytes) is smaller than the source ({} bytes)",
@@ -101,6 +105,7 @@ pub fn resume(journal_path: &Path, config: Config) -> Result<FileJob> {
 /// file than the one the job started with.
 pub fn open_recorded(image: &ImageRecord) -> Result<FileStorage> {
     let storage = FileStorage::open_image(Path::new(&image.path), true)?;
+    storage.lock_exclusive()?;
     let now = storage.identity()?;
     if (now.device, now.inode) != (image.device, image.inode) {
         return Err(Error::InvalidInput(format!(

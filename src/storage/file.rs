@@ -166,6 +166,18 @@ impl FileStorage {
         ))
     }
 
+    /// Takes the exclusive advisory lock on the image for as long as this
+    /// storage lives, refusing if another process (another copy job) holds
+    /// it. flock on the open file description: released when the process
+    /// dies.
+    pub fn lock_exclusive(&self) -> Result<()> {
+        match rfs::flock(&self.file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Locked(self.path.clone())),
+            Err(e) => Err(Error::io_at("flock", &self.path, to_io(e))),
+        }
+    }
+
     /// The path this storage was opened with.
     pub fn path(&self) -> &Path {
         &self.path

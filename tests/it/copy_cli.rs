@@ -174,3 +174,43 @@ fn demo_kills_the_engine_and_verifies_every_acknowledged_write() {
     assert_eq!(report["wrong_blocks"].as_array().unwrap().len(), 0);
     assert_eq!(report["blocks_checked"], 16 * MIB / 4096);
 }
+
+#[test]
+fn a_second_job_on_the_same_images_is_refused_while_the_first_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, destination) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    sparse_source(&source, 2 * MIB);
+    fs::File::create(&destination)
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
+    let config = livecopy::engine::Config::default();
+    let first = {
+        let _no_fork = crate::support::exclusive();
+        livecopy::engine::files::start(
+            &dir.path().join("j1"),
+            &source,
+            &destination,
+            config.clone(),
+        )
+        .expect("the first job starts")
+    };
+    let second =
+        livecopy::engine::files::start(&dir.path().join("j2"), &source, &destination, config);
+    let error = second
+        .err()
+        .expect("a second job on the same images is refused");
+    assert_eq!(error.kind(), livecopy::ErrorKind::Locked, "{error}");
+    // And through the CLI: exit 6, and nothing of the second job is left.
+    let run = run_copyctl(&[
+        "copy",
+        "--journal",
+        dir.path().join("j3").to_str().unwrap(),
+        source.to_str().unwrap(),
+        destination.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 6, "{}", run.stderr);
+    assert!(!dir.path().join("j2").exists() && !dir.path().join("j3").exists());
+    let _no_fork = crate::support::exclusive();
+    drop(first);
+}
