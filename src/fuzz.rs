@@ -707,3 +707,36 @@ fn check_resolve(disk: &SimDisk, analysis: &Analysis, side: Side) {
         Err(refusal) => panic!("recovery refuses the operator's resolution: {refusal}"),
     }
 }
+
+/// NBD wire decoding: the input read as a run of 28-byte requests, as one
+/// option header, and as one whole option message. Decoding never panics,
+/// and a request that decodes encodes back to the same 28 bytes (nothing
+/// the server reads is lost or invented).
+pub fn nbd_messages(data: &[u8]) {
+    use crate::nbd::proto;
+    for chunk in data.chunks_exact(proto::REQUEST_LEN) {
+        let bytes: &[u8; proto::REQUEST_LEN] = chunk.try_into().expect("exact chunk");
+        if let Ok(request) = proto::parse_request(bytes) {
+            assert_eq!(&proto::encode_request(&request), bytes, "request round trip");
+        }
+    }
+    if let Some(header) = data.first_chunk::<{ proto::OPTION_HEADER_LEN }>() {
+        let _ = proto::parse_option_header(header);
+    }
+    let _ = proto::parse_option(data);
+    if let Some((code, rest)) = data.split_first_chunk::<4>() {
+        let _ = proto::parse_option_data(u32::from_be_bytes(*code), rest);
+    }
+}
+
+/// A control-socket request line: parsing never panics, and every reply
+/// built for it is exactly one line of JSON.
+pub fn control_request(data: &[u8]) {
+    use crate::control::proto;
+    let reply = match proto::parse_request(data) {
+        Ok(request) => proto::ok(&request.id, serde_json::Value::from(request.command.name())),
+        Err(message) => proto::error(&None, "bad-request", &message),
+    };
+    assert!(!reply.contains('\n'), "a reply spans lines");
+    serde_json::from_str::<serde_json::Value>(&reply).expect("a reply is JSON");
+}

@@ -124,3 +124,13 @@ fn decode_block_corpus() {
 fn recover_image_corpus() {
     replay("recover_image", livecopy::fuzz::recover_image, 64);
 }
+
+#[test]
+fn nbd_messages_corpus() {
+    replay("nbd_messages", livecopy::fuzz::nbd_messages, 12);
+}
+
+#[test]
+fn control_request_corpus() {
+    replay("control_request", livecopy::fuzz::control_request, 12);
+}
