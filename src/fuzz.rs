@@ -717,7 +717,11 @@ pub fn nbd_messages(data: &[u8]) {
     for chunk in data.chunks_exact(proto::REQUEST_LEN) {
         let bytes: &[u8; proto::REQUEST_LEN] = chunk.try_into().expect("exact chunk");
         if let Ok(request) = proto::parse_request(bytes) {
-            assert_eq!(&proto::encode_request(&request), bytes, "request round trip");
+            assert_eq!(
+                &proto::encode_request(&request),
+                bytes,
+                "request round trip"
+            );
         }
     }
     if let Some(header) = data.first_chunk::<{ proto::OPTION_HEADER_LEN }>() {

@@ -393,3 +393,31 @@ fn resolve_crashed_at_every_call_never_returns_an_older_record() {
         total + 1
     );
 }
+
+/// A short write (part of the block lands, then an error) poisons the
+/// journal like any other failure: the commit is not acknowledged, every
+/// later call fails without touching the disk, and recovery returns the
+/// last acknowledged record.
+#[test]
+fn a_short_journal_write_poisons_the_journal() {
+    let (disk, mut journal) = crate::support::sim_journal(Ready);
+    // Only the frame header lands: the block's checksum cannot match.
+    disk.fail_next_write(std::io::ErrorKind::Other, 64);
+    assert!(journal.commit(Switched, 0).is_err());
+    assert!(journal.is_poisoned());
+    let ops = disk.ops();
+    let again = journal.commit(Switched, 0).expect_err("poisoned");
+    assert_eq!(again.kind(), livecopy::ErrorKind::Poisoned);
+    assert_eq!(
+        disk.ops(),
+        ops,
+        "a poisoned journal must not touch the disk"
+    );
+    for after in [
+        disk.after_process_crash(),
+        disk.after_power_loss(|_, _| WriteFate::Apply),
+    ] {
+        let recovered = journal::analyse(&after).unwrap().outcome.expect("recovers");
+        assert_eq!((recovered.seq, recovered.record.phase), (1, Ready));
+    }
+}

@@ -1331,3 +1331,51 @@ fn a_partly_landed_failed_source_write_is_resynced_to_the_destination() {
         "the guest saw bytes change at the switch"
     );
 }
+
+/// An image replaced since the job started (another inode at the recorded
+/// path) must not be resumed: the journal's facts would not describe it.
+#[test]
+fn resume_refuses_an_image_replaced_since_the_job_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, destination, journal) = (
+        dir.path().join("src.img"),
+        dir.path().join("dst.img"),
+        dir.path().join("j"),
+    );
+    for path in [&source, &destination] {
+        std::fs::File::create(path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    let job = {
+        let _no_fork = crate::support::exclusive();
+        livecopy::engine::files::start(&journal, &source, &destination, Config::default()).unwrap()
+    };
+    {
+        let _no_fork = crate::support::exclusive();
+        drop(job);
+    }
+    // Replace the source: same path, new inode (the old file is kept, or
+    // the file system would hand its inode number straight back).
+    std::fs::rename(&source, dir.path().join("src.old")).unwrap();
+    std::fs::File::create(&source)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let _no_fork = crate::support::exclusive();
+    let error = livecopy::engine::files::resume(&journal, Config::default())
+        .err()
+        .expect("a replaced source is refused");
+    assert_eq!(error.kind(), ErrorKind::InvalidInput, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("not the file the job started with"),
+        "{error}"
+    );
+    // Nothing was written: recovery still says Copying, source authoritative.
+    let recovered = livecopy::restart::authoritative_image(&journal).unwrap();
+    assert_eq!(recovered.phase, livecopy::journal::Phase::Copying);
+    assert_eq!(recovered.recovered.seq, 0);
+}
