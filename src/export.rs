@@ -85,15 +85,9 @@ impl<S: Storage + 'static> ExportDevice for ImageDevice<S> {
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check()?;
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64);
-            self.storage
-                .write_at(offset + done, &zeros[..n as usize])
-                .map_err(|e| Error::io("image write", e))?;
-            done += n;
-        }
+        self.storage
+            .write_zeroes(offset, len)
+            .map_err(|e| Error::io("image write", e))?;
         if fua { self.sync() } else { Ok(()) }
     }
     fn trim(&self, offset: u64, len: u64) -> Result<()> {

@@ -48,22 +48,11 @@ impl Change<'_> {
     }
 }
 
-const ZERO_CHUNK: usize = 1 << 20;
-
 fn apply<S: Storage>(image: &super::Image<S>, offset: u64, change: &Change<'_>) -> Result<()> {
     match change {
         Change::Data(data) => image.write(offset, data),
         Change::Discard(len) => image.punch(offset, *len),
-        Change::Zeroes(len) => {
-            let zeros = vec![0u8; (*len).min(ZERO_CHUNK as u64) as usize];
-            let mut done = 0;
-            while done < *len {
-                let n = (*len - done).min(zeros.len() as u64);
-                image.write(offset + done, &zeros[..n as usize])?;
-                done += n;
-            }
-            Ok(())
-        }
+        Change::Zeroes(len) => image.zero(offset, *len),
     }
 }
 

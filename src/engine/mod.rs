@@ -234,6 +234,17 @@ impl<S: Storage> Image<S> {
         result.map_err(|e| Error::io(self.op("write"), e))
     }
 
+    pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        assert!(
+            !self.retired.load(Ordering::Acquire),
+            "write to the retired {} (E4)",
+            self.name
+        );
+        let result = self.storage.write_zeroes(offset, len);
+        self.written.fetch_add(1, Ordering::AcqRel);
+        result.map_err(|e| Error::io(self.op("write"), e))
+    }
+
     pub fn punch(&self, offset: u64, len: u64) -> Result<()> {
         assert!(
             !self.retired.load(Ordering::Acquire),

@@ -246,15 +246,7 @@ impl Storage for FileStorage {
             Ok(()) => Ok(()),
             // Block devices and some file systems cannot punch: write zeros.
             Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NODEV) => {
-                let zeros = vec![0u8; len.min(1 << 20) as usize];
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(zeros.len() as u64);
-                    self.file
-                        .write_all_at(&zeros[..n as usize], offset + done)?;
-                    done += n;
-                }
-                Ok(())
+                self.write_zeroes(offset, len)
             }
             Err(e) => Err(to_io(e)),
         }

@@ -47,6 +47,18 @@ pub trait Storage: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes `len` bytes at `offset` read as zeros, freeing them if possible.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Writes `len` zero bytes at `offset` (allocated, unlike a hole), in
+    /// pieces of at most 1 MiB.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.write_at(offset + done, &zeros[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
     /// The first range at or after `offset` that may hold data, or `None` when
     /// the rest is a hole. A storage without sparse knowledge reports
     /// everything as data.
@@ -75,6 +87,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).punch_hole(offset, len)
     }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
         (**self).next_data(offset)
     }
@@ -98,6 +113,9 @@ impl<S: Storage + ?Sized> Storage for &S {
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).punch_hole(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
     }
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
         (**self).next_data(offset)
