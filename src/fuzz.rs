@@ -712,6 +712,8 @@ fn check_resolve(disk: &SimDisk, analysis: &Analysis, side: Side) {
 /// option header, and as one whole option message. Decoding never panics,
 /// and a request that decodes encodes back to the same 28 bytes (nothing
 /// the server reads is lost or invented).
+// NBD is big-endian on the wire.
+#[allow(clippy::big_endian_bytes)]
 pub fn nbd_messages(data: &[u8]) {
     use crate::nbd::proto;
     for chunk in data.chunks_exact(proto::REQUEST_LEN) {
