@@ -9,6 +9,40 @@ use crate::error::{Error, Result};
 /// Longest socket path the kernel takes (`sun_path` minus its NUL).
 const SUN_PATH_MAX: usize = 107;
 
+/// Whether [`bind_private`] can bind at `path`: its directory exists and
+/// nothing but a stale socket is there. A check before creating anything
+/// else; the bind itself may still fail.
+pub fn check_bindable(path: &Path) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::io_at(
+            "bind",
+            path,
+            std::io::ErrorKind::NotFound.into(),
+        ));
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io_at("stat", path, e)),
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::InvalidInput(format!(
+                    "{} is in use by a running server",
+                    path.display()
+                )));
+            }
+            Ok(())
+        }
+        Ok(_) => Err(Error::InvalidInput(format!(
+            "{} exists and is not a socket",
+            path.display()
+        ))),
+    }
+}
+
 /// Binds a listening Unix socket at `path` with mode 0600, with no moment at
 /// which another user could connect: the socket is bound inside a fresh
 /// directory of mode 0700, made 0600, then renamed into place without

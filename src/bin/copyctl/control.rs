@@ -18,10 +18,20 @@ fn request(socket: &Path, command: &str) -> anyhow::Result<Value> {
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut writer = stream.try_clone()?;
-    writeln!(writer, "{}", json!({ "command": command }))?;
+    // One write; if the engine already refused us and hung up, its reply
+    // may still be waiting to be read, so a failed write is not the end.
+    let sent = writer.write_all(format!("{}\n", json!({ "command": command })).as_bytes());
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    anyhow::ensure!(!line.is_empty(), "the engine closed the connection");
+    let read = BufReader::new(stream).read_line(&mut line);
+    if line.is_empty() {
+        sent?;
+        read?;
+        anyhow::bail!(livecopy::Error::io_at(
+            "control request",
+            socket,
+            std::io::Error::other("the engine closed the connection without a reply"),
+        ));
+    }
     Ok(serde_json::from_str(&line)?)
 }
 
@@ -29,7 +39,7 @@ fn exit_for(reply: &Value) -> Exit {
     match reply["error"]["kind"].as_str() {
         None => Exit::Ok,
         Some("invalid-input") | Some("bad-request") => Exit::BadInput,
-        Some("permission-denied") => Exit::Failure,
+        Some("permission-denied") => Exit::Io,
         _ => Exit::Io,
     }
 }

@@ -7,15 +7,45 @@ use serde_json::{Value, json};
 
 use crate::args::Output;
 
-/// Prints the result: `json` in JSON mode, `human` otherwise.
-pub fn emit(output: Output, json: Value, human: &str) -> anyhow::Result<()> {
-    let mut stdout = io::stdout().lock();
-    match output {
-        Output::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&json)?)?,
-        Output::Human => write!(stdout, "{human}")?,
+/// Stdout was closed by its reader (`copyctl inspect J | head -1`): not a
+/// failure. Only errors writing stdout are wrapped in this.
+#[derive(Debug)]
+pub struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
     }
-    stdout.flush()?;
-    Ok(())
+}
+
+impl std::error::Error for StdoutClosed {}
+
+fn to_stdout(text: &str) -> anyhow::Result<()> {
+    let mut stdout = io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        other => Ok(other?),
+    }
+}
+
+/// Prints the result: `json` (pretty) in JSON mode, `human` otherwise.
+pub fn emit(output: Output, json: Value, human: &str) -> anyhow::Result<()> {
+    match output {
+        Output::Json => to_stdout(&format!("{}\n", serde_json::to_string_pretty(&json)?)),
+        Output::Human => to_stdout(human),
+    }
+}
+
+/// Like [`emit`], but JSON on one line: for announcements a program reads
+/// line by line while the command goes on running.
+pub fn emit_line(output: Output, json: Value, human: &str) -> anyhow::Result<()> {
+    match output {
+        Output::Json => to_stdout(&format!("{json}\n")),
+        Output::Human => to_stdout(human),
+    }
 }
 
 /// A warning for the human at the terminal, whatever the output format.
@@ -24,12 +54,10 @@ pub fn warn(message: &str) {
     let _ = writeln!(io::stderr(), "copyctl: warning: {message}");
 }
 
-/// Whether `error` is a write to a closed pipe: the reader left, not a failure.
+/// Whether `error` is stdout closed by its reader: not a failure. A broken
+/// pipe anywhere else (a socket) is a real error.
 pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|e| {
-        e.downcast_ref::<io::Error>()
-            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
-    })
+    error.chain().any(|e| e.is::<StdoutClosed>())
 }
 
 pub fn image_json(image: &ImageRecord) -> Value {

@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::args::{Output, ServeArgs};
 use crate::exit::Exit;
-use crate::output::emit;
+use crate::output::emit_line;
 
 /// What to serve and who drives it.
 struct Plan {
@@ -103,6 +103,10 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
 }
 
 pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
+    // Check the socket paths before anything is created, so that a typo in
+    // them does not leave a new job behind.
+    livecopy::socket::check_bindable(&args.socket)?;
+    livecopy::socket::check_bindable(&args.control)?;
     let plan = if storage::stat_identity(&args.journal)?.is_some()
         || Path::new(&args.journal).is_symlink()
     {
@@ -144,7 +148,7 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
         plan.authoritative.name(),
         args.control.display()
     );
-    emit(out, json, &human)?;
+    emit_line(out, json, &human)?;
     // Serve until killed. Every acknowledged flush is already durable and
     // the journal says which image holds it, so any way of stopping is safe.
     loop {
