@@ -214,3 +214,68 @@ fn a_second_job_on_the_same_images_is_refused_while_the_first_runs() {
     let _no_fork = crate::support::exclusive();
     drop(first);
 }
+
+/// A tmpfs of `size` bytes mounted for one test, unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path, size: u64) -> SmallFs {
+        fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                at.to_str().unwrap(),
+            ])
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a small tmpfs failed (this test needs root, as CI has)"
+        );
+        SmallFs(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// ENOSPC on a real destination file: the copy stops, the journal records
+/// Aborted with the source authoritative, and `copy` reports the cause.
+#[test]
+fn a_full_destination_file_system_aborts_the_copy_and_keeps_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = SmallFs::mount(&dir.path().join("small"), 2 * MIB);
+    let (source, journal) = (dir.path().join("src.img"), dir.path().join("j"));
+    let destination = small.0.join("dst.img");
+    sparse_source(&source, 8 * MIB); // 4 MiB of data: more than fits
+    fs::File::create(&destination)
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+    let run = run_copyctl(&[
+        "copy",
+        "--journal",
+        journal.to_str().unwrap(),
+        source.to_str().unwrap(),
+        destination.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 8, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("aborted") && run.stderr.contains("os error 28"),
+        "{}",
+        run.stderr
+    );
+    let recover = run_copyctl(&["--output", "json", "recover", journal.to_str().unwrap()]);
+    assert_eq!(recover.code, 0, "{}", recover.stderr);
+    let verdict: Value = serde_json::from_str(&recover.stdout).unwrap();
+    assert_eq!(verdict["authoritative"], "source");
+    assert_eq!(verdict["phase"], "aborted");
+    drop(small);
+}
