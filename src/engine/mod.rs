@@ -262,6 +262,11 @@ impl<S: Storage> Image<S> {
             .map_err(|e| Error::io(self.op("read"), e))
     }
 
+    /// Whether some finished write is not covered by a completed sync.
+    fn needs_sync(&self) -> bool {
+        self.synced.load(Ordering::Acquire) < self.written.load(Ordering::Acquire)
+    }
+
     /// fdatasync; after one failure every later call fails too (E5).
     /// Skipped when a completed sync already covered every finished write.
     pub fn sync(&self) -> Result<()> {
@@ -438,6 +443,10 @@ impl<S: Storage, J: Storage> Shared<S, J> {
     where
         S: Storage,
     {
+        // A thread only when both have something to sync.
+        if !self.destination.needs_sync() || !self.source.needs_sync() {
+            return (self.destination.sync(), self.source.sync());
+        }
         std::thread::scope(|scope| {
             let destination = scope.spawn(|| self.destination.sync());
             let source = self.source.sync();
