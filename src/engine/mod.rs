@@ -221,39 +221,34 @@ impl<S: Storage> Image<S> {
         }
     }
 
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// Every change to the image goes through here: E4's check before it,
+    /// and the write count after it, failed changes too (part of one may
+    /// have landed), so that a sync that starts later covers it.
+    fn change(
+        &self,
+        what: &'static str,
+        apply: impl FnOnce(&S) -> std::io::Result<()>,
+    ) -> Result<()> {
         assert!(
             !self.retired.load(Ordering::Acquire),
-            "write to the retired {} (E4)",
+            "{what} on the retired {} (E4)",
             self.name
         );
-        let result = self.storage.write_at(offset, data);
-        // Counted after the write finished, failed writes too (part of one
-        // may have landed): a sync that starts later covers it.
+        let result = apply(&self.storage);
         self.written.fetch_add(1, Ordering::AcqRel);
-        result.map_err(|e| Error::io(self.op("write"), e))
+        result.map_err(|e| Error::io(self.op(what), e))
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.change("write", |s| s.write_at(offset, data))
     }
 
     pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        assert!(
-            !self.retired.load(Ordering::Acquire),
-            "write to the retired {} (E4)",
-            self.name
-        );
-        let result = self.storage.write_zeroes(offset, len);
-        self.written.fetch_add(1, Ordering::AcqRel);
-        result.map_err(|e| Error::io(self.op("write"), e))
+        self.change("write", |s| s.write_zeroes(offset, len))
     }
 
     pub fn punch(&self, offset: u64, len: u64) -> Result<()> {
-        assert!(
-            !self.retired.load(Ordering::Acquire),
-            "discard on the retired {} (E4)",
-            self.name
-        );
-        let result = self.storage.punch_hole(offset, len);
-        self.written.fetch_add(1, Ordering::AcqRel);
-        result.map_err(|e| Error::io(self.op("discard"), e))
+        self.change("discard", |s| s.punch_hole(offset, len))
     }
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -13,7 +13,6 @@ mod sim;
 
 use std::io;
 use std::ops::Range;
-use std::sync::Arc;
 
 pub use file::{
     FileStorage, ImageIdentity, JournalAccess, LockState, create_new_file_atomically,
@@ -65,33 +64,6 @@ pub trait Storage: Send + Sync {
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
         let len = self.len()?;
         Ok((offset < len).then_some(offset..len))
-    }
-}
-
-impl<S: Storage + ?Sized> Storage for Arc<S> {
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        (**self).read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        (**self).write_at(offset, data)
-    }
-    fn sync_data(&self) -> io::Result<()> {
-        (**self).sync_data()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        (**self).set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        (**self).punch_hole(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        (**self).write_zeroes(offset, len)
-    }
-    fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
-        (**self).next_data(offset)
     }
 }
 
