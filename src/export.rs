@@ -78,10 +78,16 @@ impl<S: Storage + 'static> ExportDevice for ImageDevice<S> {
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check()?;
+        if fua {
+            // The error of a durable write may be its sync's: fatal (E5).
+            return self.storage.write_durable_at(offset, data).map_err(|e| {
+                self.failed.store(true, Ordering::Release);
+                Error::io("image write", e)
+            });
+        }
         self.storage
             .write_at(offset, data)
-            .map_err(|e| Error::io("image write", e))?;
-        if fua { self.sync() } else { Ok(()) }
+            .map_err(|e| Error::io("image write", e))
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check()?;

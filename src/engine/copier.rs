@@ -113,6 +113,12 @@ pub(super) fn step<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<Step
 /// A copy worker's loop: steps until the pass is done or the job stops,
 /// making way for guest requests and honouring the bandwidth limit.
 pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>) {
+    if shared.config.worker_nice > 0 {
+        // Linux applies a nice value to the thread whose id is given. Best
+        // effort: a failure only costs guest latency, never correctness.
+        let thread = rustix::thread::gettid();
+        let _ = rustix::process::setpriority_process(Some(thread), shared.config.worker_nice);
+    }
     let started = Instant::now();
     let mut copied_here = 0u64;
     while !shared.stop.load(Ordering::Acquire) {

@@ -15,6 +15,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::{JobPhase, Shared};
 use crate::error::{Error, Result};
@@ -53,6 +54,32 @@ fn apply<S: Storage>(image: &super::Image<S>, offset: u64, change: &Change<'_>) 
         Change::Data(data) => image.write(offset, data),
         Change::Discard(len) => image.punch(offset, *len),
         Change::Zeroes(len) => image.zero(offset, *len),
+    }
+}
+
+/// How a change with force-unit-access failed: a failed write leaves the
+/// image usable; a failed sync is fatal for it (E5).
+enum Failure {
+    Write(Error),
+    Sync(Error),
+}
+
+/// Applies `change`, and with `fua` makes it durable before returning: a
+/// data write syncs only itself, the rarer zeroes and discards sync the
+/// image.
+fn apply_durably<S: Storage>(
+    image: &super::Image<S>,
+    offset: u64,
+    change: &Change<'_>,
+    fua: bool,
+) -> std::result::Result<(), Failure> {
+    match (change, fua) {
+        (_, false) => apply(image, offset, change).map_err(Failure::Write),
+        (Change::Data(data), true) => image.write_durable(offset, data).map_err(Failure::Sync),
+        (_, true) => {
+            apply(image, offset, change).map_err(Failure::Write)?;
+            image.sync().map_err(Failure::Sync)
+        }
     }
 }
 
@@ -133,14 +160,14 @@ impl<S: Storage, J: Storage> Guest<S, J> {
         self.shared
             .source
             .sync()
-            .inspect_err(|e| self.shared.fail_engine(format!("source: {}", e.describe())))
+            .map_err(|e| self.authoritative_failed("source", e))
     }
 
     fn sync_authoritative_destination(&self) -> Result<()> {
-        self.shared.destination.sync().inspect_err(|e| {
-            self.shared
-                .fail_engine(format!("destination: {}", e.describe()))
-        })
+        self.shared
+            .destination
+            .sync()
+            .map_err(|e| self.authoritative_failed("destination", e))
     }
 
     fn change(&self, offset: u64, change: Change<'_>, fua: bool) -> Result<()> {
@@ -149,54 +176,80 @@ impl<S: Storage, J: Storage> Guest<S, J> {
         self.request(|phase| match phase {
             _ if range.is_empty() && phase != JobPhase::Failed => Ok(()),
             JobPhase::Switched | JobPhase::Completed => {
-                apply(&shared.destination, offset, &change)?;
-                if fua {
-                    self.sync_authoritative_destination()?;
+                match apply_durably(&shared.destination, offset, &change, fua) {
+                    Ok(()) => Ok(()),
+                    Err(Failure::Write(e)) => Err(e),
+                    Err(Failure::Sync(e)) => Err(self.authoritative_failed("destination", e)),
                 }
-                Ok(())
             }
-            JobPhase::Aborted => {
-                apply(&shared.source, offset, &change)?;
-                if fua {
-                    self.sync_authoritative_source()?;
-                }
-                Ok(())
-            }
+            JobPhase::Aborted => match apply_durably(&shared.source, offset, &change, fua) {
+                Ok(()) => Ok(()),
+                Err(Failure::Write(e)) => Err(e),
+                Err(Failure::Sync(e)) => Err(self.authoritative_failed("source", e)),
+            },
             JobPhase::Copying | JobPhase::Ready => self.mirrored(range, &change, fua),
             JobPhase::Failed => Err(Error::Poisoned { what: "engine" }),
         })
     }
 
-    /// E1: source first, then the destination, under the range lock that
-    /// keeps copy workers from interleaving.
+    /// E1: the source, then the destination, under the range lock that
+    /// keeps copy workers from interleaving. A durable data write goes to
+    /// both at once: each waits for its own device flush, and a failure of
+    /// either ends the mirroring (destination) or the engine (source), so
+    /// the order cannot matter.
     fn mirrored(&self, range: Range<u64>, change: &Change<'_>, fua: bool) -> Result<()> {
         let shared = &self.shared;
         let g = shared.config.granularity;
         let granules = range.start / g..range.end.div_ceil(g);
         let _held = shared.ranges.lock(granules.start * g..granules.end * g);
-        if let Err(e) = apply(&shared.source, range.start, change) {
-            // Part of the write may have landed on the source. Where the
-            // destination already holds copied granules, bring them back in
-            // line, so the guest never sees bytes change at the switch.
-            self.resync(granules);
-            return Err(e);
-        }
-        // Granules still dirty will be copied by the pass after we let go.
+        // Granules still dirty will be copied by the pass after we let go;
+        // only the copier clears bits, and the range lock keeps it out.
         let any_clean = granules.clone().any(|i| !shared.dirty.get(i));
-        let mut destination_written = false;
-        if any_clean && shared.phase().mirroring() {
-            match apply(&shared.destination, range.start, change) {
-                Ok(()) => destination_written = true,
-                Err(e) => shared.fail_destination(&e),
+        let to_destination = any_clean && shared.phase().mirroring();
+        let durable = fua || shared.write_through.load(Ordering::Acquire);
+        if durable && to_destination && matches!(change, Change::Data(_)) {
+            let (source, destination) = std::thread::scope(|scope| {
+                let destination =
+                    scope.spawn(|| apply_durably(&shared.destination, range.start, change, true));
+                let source = apply_durably(&shared.source, range.start, change, true);
+                let destination = destination
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (source, destination)
+            });
+            if let Err(Failure::Write(e) | Failure::Sync(e)) = source {
+                return Err(self.authoritative_failed("source", e));
             }
-        }
-        if fua {
-            self.sync_authoritative_source()?;
-            if destination_written && let Err(e) = shared.destination.sync() {
+            if let Err(Failure::Write(e) | Failure::Sync(e)) = destination {
                 shared.fail_destination(&e);
             }
+            return Ok(());
+        }
+        match apply_durably(&shared.source, range.start, change, durable) {
+            Ok(()) => {}
+            Err(Failure::Write(e)) => {
+                // Part of the write may have landed on the source. Where the
+                // destination already holds copied granules, bring them back
+                // in line, so the guest never sees bytes change at the switch.
+                self.resync(granules);
+                return Err(e);
+            }
+            Err(Failure::Sync(e)) => return Err(self.authoritative_failed("source", e)),
+        }
+        if to_destination
+            && let Err(Failure::Write(e) | Failure::Sync(e)) =
+                apply_durably(&shared.destination, range.start, change, durable)
+        {
+            shared.fail_destination(&e);
         }
         Ok(())
+    }
+
+    /// The authoritative image failed a sync: fail-stop (E5).
+    fn authoritative_failed(&self, image: &str, e: Error) -> Error {
+        self.shared
+            .fail_engine(format!("{image}: {}", e.describe()));
+        e
     }
 
     /// Copies `granules` from the source to the destination, under the

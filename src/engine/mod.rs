@@ -31,7 +31,10 @@
 //!   job, the source's (while authoritative) or the journal's fails the
 //!   engine. Nothing is retried.
 //! - E6. An acknowledged flush or force-unit-access write is durable on the
-//!   source and, while mirroring, on the destination.
+//!   source and, while mirroring, on the destination. A FUA data write
+//!   makes itself durable (`Storage::write_durable_at`, RWF_DSYNC on a
+//!   file) rather than syncing the whole image: on the destination that
+//!   would mean waiting for the write-back of the bulk copy's pages.
 //!
 //! Each transition is a method of [`Job`]: `start` (Copying), `copy_step`
 //! (reaches Ready), `switch`, `complete`, `abort`; failures go through
@@ -58,6 +61,32 @@ use crate::error::{Error, Result};
 use crate::journal::{Journal, Phase};
 use crate::storage::Storage;
 
+/// The switch syncs both images at most this many times while the guest
+/// runs; the guest's own writes keep adding work, so it stops when a round
+/// took less than `SETTLED`.
+const SETTLE_ROUNDS: usize = 8;
+const SETTLED: Duration = Duration::from_millis(2);
+/// How long the switch waits for a moment with no guest request in flight
+/// before holding anyway (then it waits for them to drain, as it must).
+const IDLE_WAIT: Duration = Duration::from_millis(50);
+
+/// Write-through mode for the life of a switch attempt: on however the
+/// attempt ends, mirroring goes back to cached writes.
+struct WriteThrough<'a>(&'a AtomicBool);
+
+impl<'a> WriteThrough<'a> {
+    fn start(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        WriteThrough(flag)
+    }
+}
+
+impl Drop for WriteThrough<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Tunables of a copy job.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -73,6 +102,12 @@ pub struct Config {
     /// before issuing its next request anyway: guest I/O goes first, but the
     /// pass still ends.
     pub guest_grace: Duration,
+    /// The copy workers' nice value (0 to 19). Guest requests run on the
+    /// embedder's threads at its own priority; a copy worker that holds a
+    /// core makes a waking guest request wait for the scheduler's time
+    /// slice (milliseconds). A positive value lets guest threads preempt
+    /// the copy at once, while the copy still gets every idle cycle.
+    pub worker_nice: i32,
 }
 
 impl Default for Config {
@@ -83,6 +118,7 @@ impl Default for Config {
             copy_workers: 2,
             bandwidth: None,
             guest_grace: Duration::from_millis(2),
+            worker_nice: 10,
         }
     }
 }
@@ -99,6 +135,12 @@ impl Config {
             return Err(Error::InvalidInput(
                 "chunk size must be a multiple of the granularity".into(),
             ));
+        }
+        if !(0..=19).contains(&self.worker_nice) {
+            return Err(Error::InvalidInput(format!(
+                "worker nice value {} is not in 0..=19",
+                self.worker_nice
+            )));
         }
         if self.copy_workers == 0 {
             return Err(Error::InvalidInput(
@@ -243,6 +285,27 @@ impl<S: Storage> Image<S> {
         self.change("write", |s| s.write_at(offset, data))
     }
 
+    /// A force-unit-access write: durable when it returns, without a sync
+    /// of the whole image. Its error may be a failed sync, so any error is
+    /// treated as one (E5): the image takes no further sync.
+    pub fn write_durable(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(Error::Poisoned { what: self.name });
+        }
+        assert!(
+            !self.retired.load(Ordering::Acquire),
+            "write on the retired {} (E4)",
+            self.name
+        );
+        // A durable write needs no later sync, so it only counts when it
+        // failed: part of it may sit in the cache, unsynced.
+        self.storage.write_durable_at(offset, data).map_err(|e| {
+            self.written.fetch_add(1, Ordering::AcqRel);
+            self.sync_failed.store(true, Ordering::Release);
+            Error::io(self.op("write"), e)
+        })
+    }
+
     pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
         self.change("write", |s| s.write_zeroes(offset, len))
     }
@@ -329,6 +392,10 @@ pub(crate) struct Shared<S: Storage, J: Storage> {
     started: Instant,
     subscribers: Mutex<Vec<Sender<Event>>>,
     pub stop: AtomicBool,
+    /// Set by `switch` once the images are nearly in sync: mirrored guest
+    /// writes are then made durable one by one, so that by the time the
+    /// guest is held nothing is left to sync.
+    pub write_through: AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -532,6 +599,7 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             started: Instant::now(),
             subscribers: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            write_through: AtomicBool::new(false),
         };
         copier::plan(&shared)?;
         Ok(Job {
@@ -613,10 +681,15 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
         state.phase
     }
 
-    /// Hands the guest over to the destination (E2, E3). Syncs both images
-    /// while the guest still runs, then holds new requests, drains the ones
-    /// in flight, syncs again (almost nothing left to write), commits the
-    /// Switched record, retires the source and releases the guest.
+    /// Hands the guest over to the destination (E2, E3).
+    ///
+    /// The guest-visible pause must not grow with the page cache, so the
+    /// work is done while the guest runs: sync both images in rounds until
+    /// a round finds almost nothing to write; then mirror in write-through
+    /// mode (each guest write durable on both images) and sync once more;
+    /// then wait for a moment with no guest request in flight and hold new
+    /// ones. Inside the hold the syncs find nothing to do, so the pause is
+    /// the Switched commit. Then retire the source and release the guest.
     pub fn switch(&self) -> Result<SwitchReport> {
         let shared = &self.shared;
         if shared.phase() != JobPhase::Ready {
@@ -625,8 +698,28 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
                 shared.phase().name()
             )));
         }
+        for _ in 0..SETTLE_ROUNDS {
+            let round = Instant::now();
+            self.sync_both()?;
+            if round.elapsed() < SETTLED {
+                break;
+            }
+        }
+        let _write_through = WriteThrough::start(&shared.write_through);
         self.sync_both()?;
         let mut state = shared.state();
+        let idle_by = Instant::now() + IDLE_WAIT;
+        while state.guest_in_flight > 0 && !state.hold && state.phase == JobPhase::Ready {
+            let now = Instant::now();
+            if now >= idle_by {
+                break;
+            }
+            state = shared
+                .changed
+                .wait_timeout(state, idle_by - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
         if state.phase != JobPhase::Ready || state.hold {
             return Err(Error::InvalidInput(format!(
                 "the job is {}",
@@ -668,6 +761,8 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             0,
             "switching with guest requests in flight"
         );
+        // Usually free: write-through left nothing unsynced. Still needed
+        // for writes that finished between the last sync and the hold.
         let (destination_synced, source_synced) = shared.sync_images_concurrently();
         // On failure the new phase is set before held requests are let go,
         // so none of them runs under the old one.

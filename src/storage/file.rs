@@ -18,6 +18,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{self as rfs, FallocateFlags, FlockOperation, Mode, OFlags, RenameFlags};
+use rustix::io::ReadWriteFlags;
 
 use super::Storage;
 use crate::error::{Error, Result};
@@ -236,6 +237,30 @@ impl Storage for FileStorage {
         rfs::fdatasync(&self.file).map_err(to_io)
     }
 
+    // RWF_DSYNC syncs only this range (plus the metadata needed to read it
+    // back and a device cache flush), so a FUA write does not wait for the
+    // write-back of everything else dirty in the file, such as the bulk
+    // copy's pages on the destination.
+    fn write_durable_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < data.len() {
+            let slice = [io::IoSlice::new(&data[done..])];
+            let at = offset + done as u64;
+            match rustix::io::pwritev2(&self.file, &slice, at, ReadWriteFlags::DSYNC) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                // Kernels before 4.7 have no RWF_DSYNC: sync the whole file.
+                Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) if done == 0 => {
+                    self.write_at(offset, data)?;
+                    return self.sync_data();
+                }
+                Err(e) => return Err(to_io(e)),
+            }
+        }
+        Ok(())
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
@@ -377,4 +402,26 @@ pub fn write_backup_copy(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
     })?;
     drop(created);
     Ok(backup)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_durable_write_lands_whole_at_any_alignment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("image");
+        let image = FileStorage::create_image(&path, 3 * 4096).expect("create");
+        let data: Vec<u8> = (0..6000u32).map(|i| (i % 251) as u8).collect();
+        image.write_durable_at(1000, &data).expect("durable write");
+        let mut back = vec![0u8; 3 * 4096];
+        image.read_at(0, &mut back).expect("read");
+        assert!(back[..1000].iter().all(|&b| b == 0));
+        assert_eq!(&back[1000..7000], &data[..]);
+        assert!(back[7000..].iter().all(|&b| b == 0));
+        let past_the_end = image.write_durable_at(3 * 4096 - 10, &[1; 20]);
+        assert!(past_the_end.is_ok(), "a regular file grows, as with pwrite");
+        assert_eq!(image.len().expect("len"), 3 * 4096 + 10);
+    }
 }

@@ -26,6 +26,7 @@ pub use sim::{CrashClock, PendingWrite, SECTOR_SIZE, SectorFate, SimDisk, WriteF
 /// - `read_at` fills the whole buffer or fails (`UnexpectedEof` past the end).
 /// - `write_at` writes the whole buffer or fails; after a failure the bytes in
 ///   the range are unspecified. The write is durable only after `sync_data`.
+/// - `write_durable_at` is `write_at` plus durability of that write alone.
 /// - `sync_data` makes every write that returned before it durable. If it
 ///   fails, the caller must assume any of those writes may or may not be
 ///   durable, and must not call it again expecting a different answer.
@@ -42,6 +43,15 @@ pub trait Storage: Send + Sync {
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// fdatasync: makes every completed write durable.
     fn sync_data(&self) -> io::Result<()>;
+    /// Writes all of `data` at `offset` and makes that write durable before
+    /// returning, without waiting for other writes (a force-unit-access
+    /// write: `RWF_DSYNC` on a file). An error may come from the write or
+    /// from its sync; either way it is a failed sync for the caller. The
+    /// default writes, then syncs everything.
+    fn write_durable_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.write_at(offset, data)?;
+        self.sync_data()
+    }
     /// Changes the size; new bytes read as zeros.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes `len` bytes at `offset` read as zeros, freeing them if possible.
@@ -79,6 +89,9 @@ impl<S: Storage + ?Sized> Storage for &S {
     }
     fn sync_data(&self) -> io::Result<()> {
         (**self).sync_data()
+    }
+    fn write_durable_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        (**self).write_durable_at(offset, data)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)

@@ -400,6 +400,34 @@ fn check_range(len: usize, offset: u64, count: usize) -> io::Result<usize> {
 }
 
 impl State {
+    /// Cuts `len` bytes at `offset` out of every pending write.
+    fn forget_pending(&mut self, offset: u64, len: u64) {
+        let end = offset + len;
+        let mut kept = Vec::with_capacity(self.pending.len());
+        for write in std::mem::take(&mut self.pending) {
+            let write_end = write.offset + write.data.len() as u64;
+            if write_end <= offset || end <= write.offset {
+                kept.push(write);
+                continue;
+            }
+            if write.offset < offset {
+                kept.push(PendingWrite {
+                    offset: write.offset,
+                    data: write.data[..(offset - write.offset) as usize].to_vec(),
+                    lost: write.lost,
+                });
+            }
+            if end < write_end {
+                kept.push(PendingWrite {
+                    offset: end,
+                    data: write.data[(end - write.offset) as usize..].to_vec(),
+                    lost: write.lost,
+                });
+            }
+        }
+        self.pending = kept;
+    }
+
     fn record_write(&mut self, offset: u64, data: &[u8], lost: bool) {
         let at = offset as usize;
         self.live[at..at + data.len()].copy_from_slice(data);
@@ -460,6 +488,62 @@ impl Storage for SimDisk {
                 return Err(error);
             }
         }
+        s.writes_seen += 1;
+        Ok(())
+    }
+
+    // One call: the write (with its write faults), then the sync of that
+    // write alone (with the sync faults). Earlier pending writes stay
+    // pending except where the new bytes cover them: the page cache holds
+    // one version of a page, so a power loss can never bring back an older
+    // pending write over bytes that were made durable.
+    fn write_durable_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut s = self.begin()?;
+        check_range(s.live.len(), offset, data.len())?;
+        let attempt = s.write_attempts;
+        s.write_attempts += 1;
+        let fault = s
+            .write_faults
+            .iter()
+            .position(|(at, _)| *at == attempt)
+            .map(|i| s.write_faults.swap_remove(i).1);
+        let (at, lost) = match fault {
+            None => (offset, false),
+            Some(WriteFault::Lost) => (offset, true),
+            Some(WriteFault::Misdirect { to }) => {
+                check_range(s.live.len(), to, data.len())?;
+                (to, false)
+            }
+            Some(WriteFault::Error { kind, landed }) => {
+                let landed = landed.min(data.len());
+                if landed > 0 {
+                    s.record_write(offset, &data[..landed], false);
+                }
+                return Err(match kind {
+                    io::ErrorKind::StorageFull => io::Error::from_raw_os_error(28),
+                    io::ErrorKind::Other => io::Error::from_raw_os_error(5),
+                    other => io::Error::from(other),
+                });
+            }
+        };
+        s.record_write(at, data, lost);
+        let written = s.pending.pop().expect("just recorded");
+        let sync_attempt = s.sync_attempts;
+        s.sync_attempts += 1;
+        let sync_fault = s
+            .sync_faults
+            .iter()
+            .position(|(n, _)| *n == sync_attempt)
+            .map(|i| s.sync_faults.swap_remove(i).1);
+        s.forget_pending(at, data.len() as u64);
+        if sync_fault != Some(false) && !written.lost {
+            let start = at as usize;
+            s.durable[start..start + data.len()].copy_from_slice(data);
+        }
+        if sync_fault.is_some() {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        // A write, not a sync call: `syncs_seen` counts `sync_data` only.
         s.writes_seen += 1;
         Ok(())
     }

@@ -99,3 +99,64 @@ fn a_crashed_process_can_do_nothing() {
     assert_eq!(disk.live_bytes()[0], 1);
     assert!(disk.durable_bytes().iter().all(|&b| b == 0));
 }
+
+#[test]
+fn a_durable_write_is_durable_alone_and_never_undone_by_an_older_pending_write() {
+    let disk = SimDisk::new(3 * 4096);
+    // Pending: an old write under the durable one, and one elsewhere.
+    disk.write_at(0, &[1; 8192]).unwrap();
+    disk.write_at(8192, &[2; 4096]).unwrap();
+    disk.write_durable_at(2048, &[3; 4096]).unwrap();
+    assert_eq!(disk.syncs_seen(), 0, "a durable write is not a sync call");
+
+    let dropped = disk.after_power_loss(|_, _| WriteFate::Drop);
+    let bytes = dropped.durable_bytes();
+    assert!(
+        bytes[..2048].iter().all(|&b| b == 0),
+        "older pending: dropped"
+    );
+    assert!(
+        bytes[2048..6144].iter().all(|&b| b == 3),
+        "the durable write"
+    );
+    assert!(
+        bytes[6144..].iter().all(|&b| b == 0),
+        "other pending writes stay pending"
+    );
+
+    let applied = disk.after_power_loss(|_, _| WriteFate::Apply);
+    let bytes = applied.durable_bytes();
+    assert!(bytes[..2048].iter().all(|&b| b == 1));
+    assert!(
+        bytes[2048..6144].iter().all(|&b| b == 3),
+        "the older pending write, applied, must not cover the durable bytes"
+    );
+    assert!(bytes[6144..8192].iter().all(|&b| b == 1));
+    assert!(bytes[8192..].iter().all(|&b| b == 2));
+}
+
+#[test]
+fn a_durable_write_whose_sync_fails_is_not_retried_by_the_next_sync() {
+    for persisted in [false, true] {
+        let disk = SimDisk::new(4096);
+        disk.fail_next_sync(persisted);
+        let error = disk.write_durable_at(0, &[5; 4096]).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(5), "EIO");
+        let mut buf = [0u8; 4096];
+        disk.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [5; 4096], "the page cache holds the data");
+        // As on Linux: the pages are clean now, a later sync writes nothing.
+        disk.sync_data().unwrap();
+        let expected = if persisted { 5 } else { 0 };
+        assert!(
+            disk.durable_bytes().iter().all(|&b| b == expected),
+            "persisted={persisted}"
+        );
+    }
+    // A failed write part: nothing durable, the error reported.
+    let disk = SimDisk::new(4096);
+    disk.fail_next_write(std::io::ErrorKind::StorageFull, 512);
+    let error = disk.write_durable_at(0, &[6; 4096]).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(28), "ENOSPC");
+    assert!(disk.durable_bytes().iter().all(|&b| b == 0));
+}
