@@ -64,7 +64,7 @@ fn punch_holes<S: Storage, J: Storage>(shared: &Shared<S, J>, from: u64, to: u64
 fn claim<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Option<std::ops::Range<u64>> {
     let mut cursor = shared.cursor.lock().unwrap_or_else(|p| p.into_inner());
     let first = shared.dirty.next_set(*cursor)?;
-    let most = shared.config.chunk_size / shared.config.granularity;
+    let most = shared.chunk_size() / shared.config.granularity;
     let mut end = first + 1;
     while end < shared.dirty.len() && end - first < most && shared.dirty.get(end) {
         end += 1;
@@ -103,6 +103,7 @@ pub(super) fn step<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<Step
         shared.fail_destination(&e);
         return Err(e);
     }
+    shared.write_back.push(start..end);
     for granule in granules {
         shared.dirty.clear(granule);
     }
@@ -110,18 +111,32 @@ pub(super) fn step<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<Step
     Ok(StepOutcome::Copied(end - start))
 }
 
-/// A copy worker's loop: steps until the pass is done or the job stops,
-/// making way for guest requests and honouring the bandwidth limit.
-pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>) {
+/// Gives the calling thread the workers' nice value. Linux applies a nice
+/// value to the thread whose id is given. Best effort: a failure only costs
+/// guest latency, never correctness.
+pub(super) fn lower_priority<S: Storage, J: Storage>(shared: &Shared<S, J>) {
     if shared.config.worker_nice > 0 {
-        // Linux applies a nice value to the thread whose id is given. Best
-        // effort: a failure only costs guest latency, never correctness.
         let thread = rustix::thread::gettid();
         let _ = rustix::process::setpriority_process(Some(thread), shared.config.worker_nice);
     }
+}
+
+/// How long a worker beyond `busy_workers` sleeps before it looks again.
+const BUSY_NAP: Duration = Duration::from_millis(5);
+
+/// A copy worker's loop: steps until the pass is done or the job stops,
+/// making way for guest requests (only `busy_workers` workers, with short
+/// requests, while the guest is busy) and honouring the bandwidth limit.
+pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>, worker: usize) {
+    lower_priority(shared);
     let started = Instant::now();
     let mut copied_here = 0u64;
     while !shared.stop.load(Ordering::Acquire) {
+        if worker >= shared.config.busy_workers && shared.guest_busy() {
+            // Stand aside while the guest is busy; check again soon.
+            std::thread::sleep(BUSY_NAP);
+            continue;
+        }
         if shared.guest_in_flight() > 0 {
             shared.yield_to_guest(shared.config.guest_grace);
         }

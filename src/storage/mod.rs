@@ -52,6 +52,22 @@ pub trait Storage: Send + Sync {
         self.write_at(offset, data)?;
         self.sync_data()
     }
+    /// Starts write-back of `len` bytes at `offset` without waiting
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on a file). No durability
+    /// promise: it only lets a later sync find less to do. The default does
+    /// nothing.
+    fn start_write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+    /// Waits until `len` bytes at `offset` were written back (not durable:
+    /// no device flush, no metadata). An error here is a write-back error
+    /// that a later `sync_data` on the same file may no longer report, so
+    /// the caller must treat it as a failed sync. The default does nothing.
+    fn wait_write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Changes the size; new bytes read as zeros.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Makes `len` bytes at `offset` read as zeros, freeing them if possible.
@@ -92,6 +108,12 @@ impl<S: Storage + ?Sized> Storage for &S {
     }
     fn write_durable_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         (**self).write_durable_at(offset, data)
+    }
+    fn start_write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).start_write_back(offset, len)
+    }
+    fn wait_write_back(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).wait_write_back(offset, len)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)

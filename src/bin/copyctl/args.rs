@@ -88,6 +88,13 @@ pub struct TuningArgs {
     /// Bulk-copy bandwidth limit per second (e.g. 100M); none by default.
     #[arg(long, value_parser = crate::size::parse_size)]
     pub bandwidth: Option<u64>,
+    /// Bulk-copy requests in flight while the guest is busy (a request in
+    /// the last 20 ms).
+    #[arg(long, default_value_t = 1)]
+    pub busy_workers: usize,
+    /// Largest bulk-copy request while the guest is busy.
+    #[arg(long = "busy-chunk", default_value = "128K", value_parser = crate::size::parse_size)]
+    pub busy_chunk_size: u64,
 }
 
 #[derive(Debug, Args)]

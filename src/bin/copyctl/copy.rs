@@ -20,6 +20,8 @@ pub fn config(args: &crate::args::TuningArgs) -> Config {
         chunk_size: args.chunk_size,
         copy_workers: args.workers,
         bandwidth: args.bandwidth,
+        busy_workers: args.busy_workers,
+        busy_chunk_size: args.busy_chunk_size,
         ..Config::default()
     }
 }
