@@ -502,6 +502,14 @@ impl<S: Storage, J: Storage> Shared<S, J> {
         last != 0 && now.saturating_sub(last) < self.config.busy_window.as_nanos() as u64
     }
 
+    /// Whether the guest has issued no request for `quiet` (counting from
+    /// the job's start when it has issued none yet).
+    pub fn guest_quiet_for(&self, quiet: Duration) -> bool {
+        let last = self.last_guest_request.load(Ordering::Acquire);
+        let now = self.started.elapsed().as_nanos() as u64;
+        now.saturating_sub(last) >= quiet.as_nanos() as u64
+    }
+
     /// The largest request the copy may issue now.
     pub fn chunk_size(&self) -> u64 {
         let g = self.config.granularity;

@@ -29,6 +29,11 @@ use crate::storage::Storage;
 
 /// Adjacent copied ranges are merged up to this size.
 const MERGE_UP_TO: u64 = 2 << 20;
+/// The guest must have been quiet this long (from the job's start, too: a
+/// guest that is about to connect is not idle) before write-back runs:
+/// write-back already queued when the guest comes back is what it waits
+/// behind.
+const QUIET: Duration = Duration::from_millis(100);
 /// Write-back in flight at most: about 10 ms of this disk's bandwidth.
 const WINDOW: u64 = 8 << 20;
 
@@ -136,7 +141,7 @@ impl Pacer {
 pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>) {
     super::copier::lower_priority(shared);
     while !shared.stop.load(Ordering::Acquire) && shared.phase().mirroring() {
-        if shared.guest_busy() {
+        if !shared.guest_quiet_for(QUIET) {
             std::thread::sleep(Duration::from_millis(5));
             continue;
         }
