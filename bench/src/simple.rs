@@ -173,9 +173,9 @@ pub fn bulk(ctx: &mut Ctx) -> Res<()> {
         json!({"copy_seconds": copy_only, "switch_pause_seconds": pauses, "summaries": summaries}),
     );
     r.note(format!(
-        "1: copyctl copy's own split (medians): bulk pass {:.3} s of {:.3} s; the rest is \
-         process start, journal creation, the switch's fdatasync of both images (the write-back \
-         of the whole destination) and two journal commits",
+        "1: copyctl copy's own split (medians): bulk pass {:.3} s of {:.3} s (the destination \
+         is written back during the pass, at most 8 MiB in flight); the rest is process start, \
+         journal creation, the switch's syncs of what is left and two journal commits",
         crate::util::median(&copy_only),
         crate::util::median(&ours)
     ));
