@@ -400,6 +400,50 @@ fn check_range(len: usize, offset: u64, count: usize) -> io::Result<usize> {
 }
 
 impl State {
+    /// One write attempt with its armed fault, if any, recorded as pending.
+    /// Returns where the bytes landed.
+    fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<u64> {
+        check_range(self.live.len(), offset, data.len())?;
+        let attempt = self.write_attempts;
+        self.write_attempts += 1;
+        let fault = self
+            .write_faults
+            .iter()
+            .position(|(at, _)| *at == attempt)
+            .map(|i| self.write_faults.swap_remove(i).1);
+        match fault {
+            None => self.record_write(offset, data, false),
+            Some(WriteFault::Lost) => self.record_write(offset, data, true),
+            Some(WriteFault::Misdirect { to }) => {
+                check_range(self.live.len(), to, data.len())?;
+                self.record_write(to, data, false);
+                return Ok(to);
+            }
+            Some(WriteFault::Error { kind, landed }) => {
+                let landed = landed.min(data.len());
+                if landed > 0 {
+                    self.record_write(offset, &data[..landed], false);
+                }
+                return Err(match kind {
+                    io::ErrorKind::StorageFull => io::Error::from_raw_os_error(28),
+                    io::ErrorKind::Other => io::Error::from_raw_os_error(5),
+                    other => io::Error::from(other),
+                });
+            }
+        }
+        Ok(offset)
+    }
+
+    /// The fault armed for this sync attempt: `Some(persisted)` if it fails.
+    fn take_sync_fault(&mut self) -> Option<bool> {
+        let attempt = self.sync_attempts;
+        self.sync_attempts += 1;
+        self.sync_faults
+            .iter()
+            .position(|(at, _)| *at == attempt)
+            .map(|i| self.sync_faults.swap_remove(i).1)
+    }
+
     /// Cuts `len` bytes at `offset` out of every pending write.
     fn forget_pending(&mut self, offset: u64, len: u64) {
         let end = offset + len;
@@ -460,34 +504,7 @@ impl Storage for SimDisk {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut s = self.begin()?;
-        check_range(s.live.len(), offset, data.len())?;
-        let attempt = s.write_attempts;
-        s.write_attempts += 1;
-        let fault = s
-            .write_faults
-            .iter()
-            .position(|(at, _)| *at == attempt)
-            .map(|i| s.write_faults.swap_remove(i).1);
-        match fault {
-            None => s.record_write(offset, data, false),
-            Some(WriteFault::Lost) => s.record_write(offset, data, true),
-            Some(WriteFault::Misdirect { to }) => {
-                check_range(s.live.len(), to, data.len())?;
-                s.record_write(to, data, false);
-            }
-            Some(WriteFault::Error { kind, landed }) => {
-                let landed = landed.min(data.len());
-                if landed > 0 {
-                    s.record_write(offset, &data[..landed], false);
-                }
-                let error = match kind {
-                    io::ErrorKind::StorageFull => io::Error::from_raw_os_error(28),
-                    io::ErrorKind::Other => io::Error::from_raw_os_error(5),
-                    other => io::Error::from(other),
-                };
-                return Err(error);
-            }
-        }
+        s.write(offset, data)?;
         s.writes_seen += 1;
         Ok(())
     }
@@ -499,42 +516,9 @@ impl Storage for SimDisk {
     // pending write over bytes that were made durable.
     fn write_durable_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut s = self.begin()?;
-        check_range(s.live.len(), offset, data.len())?;
-        let attempt = s.write_attempts;
-        s.write_attempts += 1;
-        let fault = s
-            .write_faults
-            .iter()
-            .position(|(at, _)| *at == attempt)
-            .map(|i| s.write_faults.swap_remove(i).1);
-        let (at, lost) = match fault {
-            None => (offset, false),
-            Some(WriteFault::Lost) => (offset, true),
-            Some(WriteFault::Misdirect { to }) => {
-                check_range(s.live.len(), to, data.len())?;
-                (to, false)
-            }
-            Some(WriteFault::Error { kind, landed }) => {
-                let landed = landed.min(data.len());
-                if landed > 0 {
-                    s.record_write(offset, &data[..landed], false);
-                }
-                return Err(match kind {
-                    io::ErrorKind::StorageFull => io::Error::from_raw_os_error(28),
-                    io::ErrorKind::Other => io::Error::from_raw_os_error(5),
-                    other => io::Error::from(other),
-                });
-            }
-        };
-        s.record_write(at, data, lost);
+        let at = s.write(offset, data)?;
         let written = s.pending.pop().expect("just recorded");
-        let sync_attempt = s.sync_attempts;
-        s.sync_attempts += 1;
-        let sync_fault = s
-            .sync_faults
-            .iter()
-            .position(|(n, _)| *n == sync_attempt)
-            .map(|i| s.sync_faults.swap_remove(i).1);
+        let sync_fault = s.take_sync_fault();
         s.forget_pending(at, data.len() as u64);
         if sync_fault != Some(false) && !written.lost {
             let start = at as usize;
@@ -551,13 +535,7 @@ impl Storage for SimDisk {
     fn sync_data(&self) -> io::Result<()> {
         let mut s = self.begin()?;
         let pending = std::mem::take(&mut s.pending);
-        let attempt = s.sync_attempts;
-        s.sync_attempts += 1;
-        let fault = s
-            .sync_faults
-            .iter()
-            .position(|(at, _)| *at == attempt)
-            .map(|i| s.sync_faults.swap_remove(i).1);
+        let fault = s.take_sync_fault();
         if fault != Some(false) {
             for write in pending.iter().filter(|w| !w.lost) {
                 let at = write.offset as usize;
