@@ -176,17 +176,9 @@ impl<S: Storage, J: Storage> Guest<S, J> {
         self.request(|phase| match phase {
             _ if range.is_empty() && phase != JobPhase::Failed => Ok(()),
             JobPhase::Switched | JobPhase::Completed => {
-                match apply_durably(&shared.destination, offset, &change, fua) {
-                    Ok(()) => Ok(()),
-                    Err(Failure::Write(e)) => Err(e),
-                    Err(Failure::Sync(e)) => Err(self.authoritative_failed("destination", e)),
-                }
+                self.authoritative_change(&shared.destination, offset, &change, fua)
             }
-            JobPhase::Aborted => match apply_durably(&shared.source, offset, &change, fua) {
-                Ok(()) => Ok(()),
-                Err(Failure::Write(e)) => Err(e),
-                Err(Failure::Sync(e)) => Err(self.authoritative_failed("source", e)),
-            },
+            JobPhase::Aborted => self.authoritative_change(&shared.source, offset, &change, fua),
             JobPhase::Copying | JobPhase::Ready => self.mirrored(range, &change, fua),
             JobPhase::Failed => Err(Error::Poisoned { what: "engine" }),
         })
@@ -243,6 +235,22 @@ impl<S: Storage, J: Storage> Guest<S, J> {
             shared.fail_destination(&e);
         }
         Ok(())
+    }
+
+    /// A change to the one image that is authoritative: a failed write
+    /// goes back to the guest, a failed sync stops the engine (E5).
+    fn authoritative_change(
+        &self,
+        image: &super::Image<S>,
+        offset: u64,
+        change: &Change<'_>,
+        fua: bool,
+    ) -> Result<()> {
+        match apply_durably(image, offset, change, fua) {
+            Ok(()) => Ok(()),
+            Err(Failure::Write(e)) => Err(e),
+            Err(Failure::Sync(e)) => Err(self.authoritative_failed(image.name, e)),
+        }
     }
 
     /// The authoritative image failed a sync: fail-stop (E5).

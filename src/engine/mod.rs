@@ -260,7 +260,7 @@ pub struct Status {
 #[derive(Debug)]
 pub(crate) struct Image<S> {
     pub storage: S,
-    name: &'static str,
+    pub name: &'static str,
     retired: AtomicBool,
     /// Held across every call that can report a write-back error (fdatasync,
     /// a durable write, `sync_file_range`), with the E5 latch inside. Linux
