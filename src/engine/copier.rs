@@ -7,6 +7,7 @@
 //! lock, and its bits are cleared only after the destination write
 //! succeeded, so "nothing dirty" means "every copy finished".
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,39 @@ fn punch_holes<S: Storage, J: Storage>(shared: &Shared<S, J>, from: u64, to: u64
     shared.destination.punch(start, end - start)
 }
 
+/// Splits `run` into the source's data and holes, in order: `(range,
+/// true)` for data. A storage without sparse knowledge reports one data
+/// range.
+fn source_extents<S: Storage, J: Storage>(
+    shared: &Shared<S, J>,
+    run: Range<u64>,
+) -> Result<Vec<(Range<u64>, bool)>> {
+    let mut pieces = Vec::new();
+    let mut at = run.start;
+    while at < run.end {
+        let next = shared.source.storage.next_data(at);
+        let data = next.map_err(|e| Error::io("source SEEK_DATA", e))?;
+        let (data_start, data_end) = match data {
+            Some(r) if r.start < run.end => (r.start.max(at), r.end.min(run.end)),
+            _ => (run.end, run.end),
+        };
+        if data_start > at {
+            pieces.push((at..data_start, false));
+        }
+        if data_end > data_start {
+            pieces.push((data_start..data_end, true));
+        }
+        if data_end <= at {
+            // No progress: the storage answered a range that ends before
+            // `at`; treat the rest as data rather than loop or lose bytes.
+            pieces.push((at..run.end, true));
+            break;
+        }
+        at = data_end.max(data_start);
+    }
+    Ok(pieces)
+}
+
 /// Claims the next run of dirty granules: at most a chunk's worth.
 fn claim<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Option<std::ops::Range<u64>> {
     let mut cursor = shared.cursor.lock().unwrap_or_else(|p| p.into_inner());
@@ -99,7 +133,24 @@ pub(super) fn step<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<Step
     if !shared.phase().mirroring() {
         return Ok(StepOutcome::Done);
     }
-    if let Err(e) = shared.destination.write(start, &buf) {
+    // The run is granule-aligned, the source's extents need not be: write
+    // only what the source holds as data and punch the rest, so that the
+    // destination allocates what the source does. Under the range lock,
+    // no guest write changes the run meanwhile.
+    let written = source_extents(shared, start..end).and_then(|pieces| {
+        pieces.into_iter().try_for_each(|(piece, data)| {
+            let len = piece.end - piece.start;
+            if data {
+                let at = (piece.start - start) as usize;
+                shared
+                    .destination
+                    .write(piece.start, &buf[at..at + len as usize])
+            } else {
+                shared.destination.punch(piece.start, len)
+            }
+        })
+    });
+    if let Err(e) = written {
         shared.fail_destination(&e);
         return Err(e);
     }

@@ -540,6 +540,16 @@ fn a_sparse_source_over_a_non_zero_destination_copies_holes_as_zeros() {
     drop(job);
     let destination = std::fs::read(&destination_path).expect("read");
     assert_same(&destination, &expected, "destination of a sparse source");
+    // Only the source's extents are written, not the whole granules around
+    // them: four pieces of 10 KB or less (each at most four 4 KiB blocks,
+    // or five when unaligned) and the guest's 5000 bytes.
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&destination_path).expect("stat").blocks() * 512;
+    let source_allocated = std::fs::metadata(&source_path).expect("stat").blocks() * 512;
+    assert!(
+        allocated <= source_allocated + 8192,
+        "the destination allocates {allocated} bytes, the source {source_allocated}"
+    );
 }
 
 // ---------------------------------------------------------------------------
