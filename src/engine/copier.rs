@@ -39,6 +39,10 @@ pub(super) fn plan<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<()> 
         if range.end <= offset {
             break;
         }
+        if offset == 0 && range.start == 0 && range.end >= shared.size {
+            // One extent over the whole source: the runs need no splitting.
+            shared.source_has_holes.store(false, Ordering::Release);
+        }
         let first = range.start / g;
         let last = range.end.min(shared.size).div_ceil(g);
         punch_holes(shared, decided, first)?;
@@ -68,6 +72,11 @@ fn source_extents<S: Storage, J: Storage>(
     shared: &Shared<S, J>,
     run: Range<u64>,
 ) -> Result<Vec<(Range<u64>, bool)>> {
+    if !shared.source_has_holes.load(Ordering::Acquire) {
+        // A guest discard may have made a hole since; copying it as
+        // zeros costs allocation, not correctness.
+        return Ok(vec![(run, true)]);
+    }
     let mut pieces = Vec::new();
     let mut at = run.start;
     while at < run.end {

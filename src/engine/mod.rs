@@ -440,6 +440,10 @@ pub(crate) struct Shared<S: Storage, J: Storage> {
     /// Next granule a copy worker may claim.
     pub cursor: Mutex<u64>,
     pub copied: AtomicU64,
+    /// False once the plan found the source to be one extent: the copy
+    /// then skips asking SEEK_DATA per run (each ask takes the source's
+    /// inode lock, which guest writes contend for).
+    pub source_has_holes: AtomicBool,
     started: Instant,
     /// When the last guest request entered, in nanoseconds since `started`.
     last_guest_request: AtomicU64,
@@ -688,6 +692,7 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             subscribers: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             write_through: AtomicBool::new(false),
+            source_has_holes: AtomicBool::new(true),
             write_back: write_back::WriteBack::default(),
         };
         copier::plan(&shared)?;
