@@ -36,6 +36,7 @@ pub fn start(
     destination: &Path,
     config: Config,
 ) -> Result<FileJob> {
+    config.validate()?;
     let source = FileStorage::open_image(source, true)?;
     let destination = FileStorage::open_image(destination, true)?;
     let (source_id, destination_id) = (source.identity()?, destination.identity()?);
@@ -82,6 +83,7 @@ pub fn start(
 /// when the engine died). The images must still be the files the journal
 /// recorded (same device and inode). Copy workers are not started.
 pub fn resume(journal_path: &Path, config: Config) -> Result<FileJob> {
+    config.validate()?;
     let opened = journal::open_file(journal_path, crate::storage::JournalAccess::Exclusive)?;
     let recovered = opened.analysis.outcome.map_err(Error::Refused)?;
     journal::repair(&opened.storage, &recovered, |image| {

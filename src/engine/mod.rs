@@ -140,7 +140,9 @@ impl Default for Config {
 }
 
 impl Config {
-    fn validate(&self) -> Result<()> {
+    /// Refuses impossible settings; `Job::new` and `files::start` call it
+    /// before anything is created or written.
+    pub fn validate(&self) -> Result<()> {
         let g = self.granularity;
         if !g.is_power_of_two() || g < 4096 {
             return Err(Error::InvalidInput(format!(

@@ -161,6 +161,41 @@ fn copy_refuses_bad_input_without_touching_anything() {
         &p("d5.img"),
     ]);
     assert_eq!(run.code, 2, "{}", run.stderr);
+    // A tuning the engine refuses: no journal, no destination.
+    let run = run_copyctl(&[
+        "copy",
+        "--journal",
+        &p("j6"),
+        "--busy-workers",
+        "0",
+        &p("src.img"),
+        &p("d6.img"),
+    ]);
+    assert_eq!(run.code, 9, "{}", run.stderr);
+    assert!(run.stderr.contains("busy"), "{}", run.stderr);
+    assert!(!dir.path().join("j6").exists());
+    assert!(!dir.path().join("d6.img").exists());
+}
+
+#[test]
+fn copy_with_busy_tuning_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("src.img");
+    let destination = dir.path().join("dst.img");
+    let expected = sparse_source(&source, 4 * MIB);
+    let run = run_copyctl(&[
+        "copy",
+        "--journal",
+        dir.path().join("j").to_str().unwrap(),
+        "--busy-workers",
+        "2",
+        "--busy-chunk",
+        "64K",
+        source.to_str().unwrap(),
+        destination.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(fs::read(&destination).unwrap(), expected);
 }
 
 #[test]

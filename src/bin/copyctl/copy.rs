@@ -39,14 +39,12 @@ pub fn ensure_destination(source: &Path, destination: &Path) -> anyhow::Result<b
 }
 
 pub fn run(args: &CopyArgs, out: Output) -> anyhow::Result<Exit> {
+    // Before the destination is created: a refused tuning leaves nothing.
+    let config = config(&args.tuning);
+    config.validate()?;
     let created = ensure_destination(&args.source, &args.destination)?;
     let started = Instant::now();
-    let mut job = engine::files::start(
-        &args.journal,
-        &args.source,
-        &args.destination,
-        config(&args.tuning),
-    )?;
+    let mut job = engine::files::start(&args.journal, &args.source, &args.destination, config)?;
     let size = job.status().size;
     job.start_workers();
 

@@ -33,13 +33,11 @@ struct Plan {
 }
 
 fn new_job(args: &ServeArgs) -> anyhow::Result<Plan> {
+    // Before the destination is created: a refused tuning leaves nothing.
+    let config = crate::copy::config(&args.tuning);
+    config.validate()?;
     crate::copy::ensure_destination(&args.source, &args.destination)?;
-    let job = files::start(
-        &args.journal,
-        &args.source,
-        &args.destination,
-        crate::copy::config(&args.tuning),
-    )?;
+    let job = files::start(&args.journal, &args.source, &args.destination, config)?;
     running(job)
 }
 
