@@ -104,7 +104,7 @@ fn source_extents<S: Storage, J: Storage>(
 }
 
 /// Claims the next run of dirty granules: at most a chunk's worth.
-fn claim<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Option<std::ops::Range<u64>> {
+fn claim<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Option<Range<u64>> {
     let mut cursor = shared.cursor.lock().unwrap_or_else(|p| p.into_inner());
     let first = shared.dirty.next_set(*cursor)?;
     let most = shared.chunk_size() / shared.config.granularity;

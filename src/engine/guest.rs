@@ -143,10 +143,12 @@ impl<S: Storage, J: Storage> Guest<S, J> {
     pub fn flush(&self) -> Result<()> {
         let shared = &self.shared;
         self.request(|phase| match phase {
-            JobPhase::Switched | JobPhase::Completed => self.sync_authoritative_destination(),
-            JobPhase::Aborted => self.sync_authoritative_source(),
+            JobPhase::Switched | JobPhase::Completed => {
+                self.sync_authoritative(&shared.destination)
+            }
+            JobPhase::Aborted => self.sync_authoritative(&shared.source),
             JobPhase::Copying | JobPhase::Ready => {
-                self.sync_authoritative_source()?;
+                self.sync_authoritative(&shared.source)?;
                 if let Err(e) = shared.destination.sync() {
                     shared.fail_destination(&e);
                 }
@@ -156,18 +158,12 @@ impl<S: Storage, J: Storage> Guest<S, J> {
         })
     }
 
-    fn sync_authoritative_source(&self) -> Result<()> {
-        self.shared
-            .source
+    /// fdatasync of the one authoritative image; a failure stops the
+    /// engine (E5).
+    fn sync_authoritative(&self, image: &super::Image<S>) -> Result<()> {
+        image
             .sync()
-            .map_err(|e| self.authoritative_failed("source", e))
-    }
-
-    fn sync_authoritative_destination(&self) -> Result<()> {
-        self.shared
-            .destination
-            .sync()
-            .map_err(|e| self.authoritative_failed("destination", e))
+            .map_err(|e| self.authoritative_failed(image.name, e))
     }
 
     fn change(&self, offset: u64, change: Change<'_>, fua: bool) -> Result<()> {
