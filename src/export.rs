@@ -2,10 +2,9 @@
 //! job (its [`Guest`] handle), or, after a job ended, the authoritative
 //! image itself.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use crate::engine::Guest;
 use crate::error::{Error, Result};
+use crate::image::{Image, Role};
 use crate::nbd::ExportDevice;
 use crate::storage::Storage;
 
@@ -32,37 +31,36 @@ impl<S: Storage + 'static, J: Storage + 'static> ExportDevice for Guest<S, J> {
 
 /// One image served as it is, with the same fail-stop rule as the engine:
 /// after a failed sync every request fails (a failed fdatasync is never
-/// retried nor reported as success).
+/// retried nor reported as success). Every call that can report a
+/// write-back error goes through the image's latch (`crate::image`), as
+/// the engine's do.
 pub struct ImageDevice<S: Storage> {
-    storage: S,
+    image: Image<S>,
     size: u64,
-    failed: AtomicBool,
 }
 
 impl<S: Storage> ImageDevice<S> {
-    /// Serves `storage`.
-    pub fn new(storage: S) -> Result<Self> {
-        let size = storage.len().map_err(|e| Error::io("image size", e))?;
+    /// Serves the first `size` bytes of `storage`: the guest's disk as the
+    /// job recorded it (the source's size), so that a destination larger
+    /// than the source never exposes a tail the copy did not write.
+    pub fn new(storage: S, size: u64) -> Result<Self> {
+        let now = storage.len().map_err(|e| Error::io("image size", e))?;
+        if now < size {
+            return Err(Error::InvalidInput(format!(
+                "the image holds {now} bytes, less than the disk's {size}"
+            )));
+        }
         Ok(ImageDevice {
-            storage,
+            image: Image::new(storage, Role::Served),
             size,
-            failed: AtomicBool::new(false),
         })
     }
 
     fn check(&self) -> Result<()> {
-        if self.failed.load(Ordering::Acquire) {
+        if self.image.failed() {
             return Err(Error::Poisoned { what: "image" });
         }
         Ok(())
-    }
-
-    fn sync(&self) -> Result<()> {
-        self.check()?;
-        self.storage.sync_data().map_err(|e| {
-            self.failed.store(true, Ordering::Release);
-            Error::io("image fdatasync", e)
-        })
     }
 }
 
@@ -72,37 +70,27 @@ impl<S: Storage + 'static> ExportDevice for ImageDevice<S> {
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check()?;
-        self.storage
-            .read_at(offset, buf)
-            .map_err(|e| Error::io("image read", e))
+        self.image.read(offset, buf)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check()?;
         if fua {
             // The error of a durable write may be its sync's: fatal (E5).
-            return self.storage.write_durable_at(offset, data).map_err(|e| {
-                self.failed.store(true, Ordering::Release);
-                Error::io("image write", e)
-            });
+            self.image.write_durable(offset, data)
+        } else {
+            self.image.write(offset, data)
         }
-        self.storage
-            .write_at(offset, data)
-            .map_err(|e| Error::io("image write", e))
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check()?;
-        self.storage
-            .write_zeroes(offset, len)
-            .map_err(|e| Error::io("image write", e))?;
-        if fua { self.sync() } else { Ok(()) }
+        self.image.zero(offset, len)?;
+        if fua { self.image.sync() } else { Ok(()) }
     }
     fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.check()?;
-        self.storage
-            .punch_hole(offset, len)
-            .map_err(|e| Error::io("image discard", e))
+        self.image.punch(offset, len)
     }
     fn flush(&self) -> Result<()> {
-        self.sync()
+        self.image.sync()
     }
 }

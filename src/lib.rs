@@ -24,6 +24,7 @@ pub mod error;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzz;
+mod image;
 pub mod journal;
 pub mod nbd;
 pub mod restart;

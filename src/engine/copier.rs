@@ -128,7 +128,7 @@ pub(super) fn step<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<Step
     let g = shared.config.granularity;
     let start = granules.start * g;
     let end = (granules.end * g).min(shared.size);
-    let _held = shared.ranges.lock(start..end);
+    let held = shared.ranges.lock(start..end);
     let mut buf = vec![0u8; (end - start) as usize];
     if let Err(e) = shared.source.read(start, &mut buf) {
         // The pass cannot finish; the guest keeps the source, and its own
@@ -168,6 +168,13 @@ pub(super) fn step<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<Step
         shared.dirty.clear(granule);
     }
     shared.copied.fetch_add(end - start, Ordering::AcqRel);
+    drop(held);
+    if shared.dirty.count() == 0 {
+        // Whoever clears the last bit makes the job Ready: the other
+        // workers may have found nothing to claim and left already, and
+        // this one may stand aside for as long as the guest stays busy.
+        shared.reach_ready()?;
+    }
     Ok(StepOutcome::Copied(end - start))
 }
 

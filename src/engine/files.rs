@@ -57,6 +57,12 @@ pub fn start(
             destination_id.size, source_id.size
         )));
     }
+    // The journal will name both images by path: their directory entries
+    // must survive a power cut as surely as the record that names them (a
+    // destination created just before the job, by copyctl or by hand).
+    for image in [&source_id, &destination_id] {
+        crate::storage::sync_parent(&image.path)?;
+    }
     let mut job_id = [0u8; 16];
     let mut writer = [0u8; 16];
     crate::random_bytes(&mut job_id);
@@ -104,7 +110,9 @@ pub fn resume(journal_path: &Path, config: Config) -> Result<FileJob> {
 }
 
 /// Opens the image a record names, refusing if the path now names another
-/// file than the one the job started with.
+/// file than the one the job started with, or the file changed size (a
+/// grown image would expose bytes the copy never wrote; a shrunk one lost
+/// some).
 pub fn open_recorded(image: &ImageRecord) -> Result<FileStorage> {
     let storage = FileStorage::open_image(Path::new(&image.path), true)?;
     storage.lock_exclusive()?;
@@ -113,6 +121,12 @@ pub fn open_recorded(image: &ImageRecord) -> Result<FileStorage> {
         return Err(Error::InvalidInput(format!(
             "{} is not the file the job started with (device {} inode {} then, device {} inode {} now)",
             image.path, image.device, image.inode, now.device, now.inode
+        )));
+    }
+    if now.size != image.size {
+        return Err(Error::InvalidInput(format!(
+            "{} was resized since the job started ({} bytes then, {} now)",
+            image.path, image.size, now.size
         )));
     }
     Ok(storage)

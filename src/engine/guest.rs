@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 
 use super::{JobPhase, Shared};
 use crate::error::{Error, Result};
+use crate::image::Image;
 use crate::storage::Storage;
 
 /// A guest I/O handle. Cheap to clone; usable from any thread.
@@ -49,7 +50,7 @@ impl Change<'_> {
     }
 }
 
-fn apply<S: Storage>(image: &super::Image<S>, offset: u64, change: &Change<'_>) -> Result<()> {
+fn apply<S: Storage>(image: &Image<S>, offset: u64, change: &Change<'_>) -> Result<()> {
     match change {
         Change::Data(data) => image.write(offset, data),
         Change::Discard(len) => image.punch(offset, *len),
@@ -57,26 +58,40 @@ fn apply<S: Storage>(image: &super::Image<S>, offset: u64, change: &Change<'_>) 
     }
 }
 
-/// How a change with force-unit-access failed: a failed write leaves the
-/// image usable; a failed sync is fatal for it (E5).
+/// How durable a change must be when it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Cached; a later flush makes it durable.
+    Cached,
+    /// The guest asked for force-unit-access: a data write syncs only
+    /// itself, the rarer zeroes and discards sync the image.
+    Fua,
+    /// The switch's write-through window: written as usual, then the image
+    /// synced, so that a write error stays a write error (the guest gets
+    /// it, the job carries on) and only the sync's failure is fatal.
+    WriteThrough,
+}
+
+/// How a change failed: a failed write leaves the image usable; a failed
+/// sync is fatal for it (E5).
 enum Failure {
     Write(Error),
     Sync(Error),
 }
 
-/// Applies `change`, and with `fua` makes it durable before returning: a
-/// data write syncs only itself, the rarer zeroes and discards sync the
-/// image.
+/// Applies `change` and makes it as durable as asked before returning.
 fn apply_durably<S: Storage>(
-    image: &super::Image<S>,
+    image: &Image<S>,
     offset: u64,
     change: &Change<'_>,
-    fua: bool,
+    durability: Durability,
 ) -> std::result::Result<(), Failure> {
-    match (change, fua) {
-        (_, false) => apply(image, offset, change).map_err(Failure::Write),
-        (Change::Data(data), true) => image.write_durable(offset, data).map_err(Failure::Sync),
-        (_, true) => {
+    match (change, durability) {
+        (_, Durability::Cached) => apply(image, offset, change).map_err(Failure::Write),
+        (Change::Data(data), Durability::Fua) => {
+            image.write_durable(offset, data).map_err(Failure::Sync)
+        }
+        (_, Durability::Fua | Durability::WriteThrough) => {
             apply(image, offset, change).map_err(Failure::Write)?;
             image.sync().map_err(Failure::Sync)
         }
@@ -106,10 +121,8 @@ impl<S: Storage, J: Storage> Guest<S, J> {
     /// Runs `body` as one guest request: held at the door during a switch,
     /// counted while in flight.
     fn request<T>(&self, body: impl FnOnce(JobPhase) -> Result<T>) -> Result<T> {
-        let phase = self.shared.enter()?;
-        let result = body(phase);
-        self.shared.leave();
-        result
+        let (phase, _counted) = self.shared.enter()?;
+        body(phase)
     }
 
     /// Reads `buf.len()` bytes at `offset` from the authoritative image.
@@ -160,10 +173,10 @@ impl<S: Storage, J: Storage> Guest<S, J> {
 
     /// fdatasync of the one authoritative image; a failure stops the
     /// engine (E5).
-    fn sync_authoritative(&self, image: &super::Image<S>) -> Result<()> {
+    fn sync_authoritative(&self, image: &Image<S>) -> Result<()> {
         image
             .sync()
-            .map_err(|e| self.authoritative_failed(image.name, e))
+            .map_err(|e| self.authoritative_failed(image.name(), e))
     }
 
     fn change(&self, offset: u64, change: Change<'_>, fua: bool) -> Result<()> {
@@ -194,58 +207,65 @@ impl<S: Storage, J: Storage> Guest<S, J> {
         // only the copier clears bits, and the range lock keeps it out.
         let any_clean = granules.clone().any(|i| !shared.dirty.get(i));
         let to_destination = any_clean && shared.phase().mirroring();
-        let durable = fua || shared.write_through.load(Ordering::Acquire);
-        if durable && to_destination && matches!(change, Change::Data(_)) {
-            let (source, destination) = std::thread::scope(|scope| {
-                let destination =
-                    scope.spawn(|| apply_durably(&shared.destination, range.start, change, true));
-                let source = apply_durably(&shared.source, range.start, change, true);
-                let destination = destination
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                (source, destination)
-            });
-            if let Err(Failure::Write(e) | Failure::Sync(e)) = source {
-                return Err(self.authoritative_failed("source", e));
-            }
-            if let Err(Failure::Write(e) | Failure::Sync(e)) = destination {
-                shared.fail_destination(&e);
-            }
-            return Ok(());
-        }
-        match apply_durably(&shared.source, range.start, change, durable) {
-            Ok(()) => {}
-            Err(Failure::Write(e)) => {
-                // Part of the write may have landed on the source. Where the
-                // destination already holds copied granules, bring them back
-                // in line, so the guest never sees bytes change at the switch.
-                self.resync(granules);
-                return Err(e);
-            }
-            Err(Failure::Sync(e)) => return Err(self.authoritative_failed("source", e)),
-        }
-        if to_destination
-            && let Err(Failure::Write(e) | Failure::Sync(e)) =
-                apply_durably(&shared.destination, range.start, change, durable)
+        let durability = if fua {
+            Durability::Fua
+        } else if shared.write_through.load(Ordering::Acquire) {
+            Durability::WriteThrough
+        } else {
+            Durability::Cached
+        };
+        let at = range.start;
+        let (source, destination) = if to_destination
+            && durability != Durability::Cached
+            && matches!(change, Change::Data(_))
         {
+            let (destination, source) = super::on_both(
+                || apply_durably(&shared.destination, at, change, durability),
+                || apply_durably(&shared.source, at, change, durability),
+            );
+            (source, Some(destination))
+        } else {
+            let source = apply_durably(&shared.source, at, change, durability);
+            let destination = (source.is_ok() && to_destination)
+                .then(|| apply_durably(&shared.destination, at, change, durability));
+            (source, destination)
+        };
+        if let Some(Err(Failure::Write(e) | Failure::Sync(e))) = destination {
             shared.fail_destination(&e);
         }
-        Ok(())
+        match source {
+            Ok(()) => Ok(()),
+            Err(Failure::Write(e)) => {
+                // Part of the write may have landed on the source (and all
+                // of it on the destination, when both were written at
+                // once). Where the destination holds copied granules, bring
+                // them back in line, so the guest never sees bytes change
+                // at the switch.
+                self.resync(granules);
+                Err(e)
+            }
+            Err(Failure::Sync(e)) => Err(self.authoritative_failed("source", e)),
+        }
     }
 
     /// A change to the one image that is authoritative: a failed write
     /// goes back to the guest, a failed sync stops the engine (E5).
     fn authoritative_change(
         &self,
-        image: &super::Image<S>,
+        image: &Image<S>,
         offset: u64,
         change: &Change<'_>,
         fua: bool,
     ) -> Result<()> {
-        match apply_durably(image, offset, change, fua) {
+        let durability = if fua {
+            Durability::Fua
+        } else {
+            Durability::Cached
+        };
+        match apply_durably(image, offset, change, durability) {
             Ok(()) => Ok(()),
             Err(Failure::Write(e)) => Err(e),
-            Err(Failure::Sync(e)) => Err(self.authoritative_failed(image.name, e)),
+            Err(Failure::Sync(e)) => Err(self.authoritative_failed(image.name(), e)),
         }
     }
 

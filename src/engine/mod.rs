@@ -59,6 +59,7 @@ pub use guest::Guest;
 pub use ranges::{RangeGuard, RangeLocks};
 
 use crate::error::{Error, Result};
+use crate::image::{Image, Role};
 use crate::journal::{Journal, Phase};
 use crate::storage::Storage;
 
@@ -257,164 +258,56 @@ pub struct Status {
     pub reason: Option<String>,
 }
 
-/// An image the engine writes, with a latch that turns any write after its
-/// retirement into a panic (E4) and a latch for a failed sync (E5).
-#[derive(Debug)]
-pub(crate) struct Image<S> {
-    pub storage: S,
-    pub name: &'static str,
-    retired: AtomicBool,
-    /// Held across every call that can report a write-back error (fdatasync,
-    /// a durable write, `sync_file_range`), with the E5 latch inside. Linux
-    /// reports a write-back error once per open file, to whichever of
-    /// concurrent callers looks first; serialised, the one that sees it
-    /// latches before any other call can report success for the same data.
-    sync_failed: Mutex<bool>,
-    /// Writes finished (successfully or not) so far.
-    written: AtomicU64,
-    /// The `written` count the last completed sync covered. A sync with
-    /// nothing new to cover is skipped: a flush with no writes behind it
-    /// costs nothing, and the switch's second sync is free when the guest
-    /// did not write after the first.
-    synced: AtomicU64,
+/// A guest request counted in flight; counts it out when dropped.
+pub(crate) struct InFlight<'a, S: Storage, J: Storage>(&'a Shared<S, J>);
+
+impl<S: Storage, J: Storage> Drop for InFlight<'_, S, J> {
+    fn drop(&mut self) {
+        let shared = self.0;
+        if std::thread::panicking() && shared.phase().mirroring() {
+            // The request stopped half-way: its write may be on one image
+            // and not the other, and nothing can tell which granules. The
+            // images can no longer be trusted to be equal at a switch (E2).
+            shared.fail_destination(&Error::InvalidInput(
+                "a guest request panicked while mirroring".into(),
+            ));
+        }
+        shared.leave();
+    }
 }
 
-impl<S: Storage> Image<S> {
-    fn new(storage: S, name: &'static str) -> Self {
-        Image {
-            storage,
-            name,
-            retired: AtomicBool::new(false),
-            sync_failed: Mutex::new(false),
-            written: AtomicU64::new(0),
-            synced: AtomicU64::new(0),
+/// A switch's hold on the door: new guest requests wait until it is let
+/// go, with or without a new phase. Dropped on an early return or a panic,
+/// it lets them go under the phase as it stands.
+struct Hold<'a, S: Storage, J: Storage> {
+    shared: &'a Shared<S, J>,
+    released: bool,
+}
+
+impl<S: Storage, J: Storage> Hold<'_, S, J> {
+    /// The new phase is set before the held requests are let go, so that
+    /// none of them runs under the old one.
+    fn release(mut self, phase: Option<JobPhase>) {
+        self.let_go(phase);
+    }
+
+    fn let_go(&mut self, phase: Option<JobPhase>) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
         }
-    }
-
-    /// Every change to the image goes through here: E4's check before it,
-    /// and the write count after it, failed changes too (part of one may
-    /// have landed), so that a sync that starts later covers it.
-    fn change(
-        &self,
-        what: &'static str,
-        apply: impl FnOnce(&S) -> std::io::Result<()>,
-    ) -> Result<()> {
-        assert!(
-            !self.retired.load(Ordering::Acquire),
-            "{what} on the retired {} (E4)",
-            self.name
-        );
-        let result = apply(&self.storage);
-        self.written.fetch_add(1, Ordering::AcqRel);
-        result.map_err(|e| Error::io(self.op(what), e))
-    }
-
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.change("write", |s| s.write_at(offset, data))
-    }
-
-    /// A force-unit-access write: durable when it returns, without a sync
-    /// of the whole image. Its error may be a failed sync, so any error is
-    /// treated as one (E5): the image takes no further sync.
-    pub fn write_durable(&self, offset: u64, data: &[u8]) -> Result<()> {
-        assert!(
-            !self.retired.load(Ordering::Acquire),
-            "write on the retired {} (E4)",
-            self.name
-        );
-        self.reporting_errors("write", |s| s.write_durable_at(offset, data))
-            .inspect_err(|_| {
-                // A durable write needs no later sync, so it only counts
-                // when it failed: part of it may sit in the cache, unsynced.
-                self.written.fetch_add(1, Ordering::AcqRel);
-            })
-    }
-
-    /// Runs `call` under the sync lock; any error latches E5.
-    fn reporting_errors(
-        &self,
-        what: &'static str,
-        call: impl FnOnce(&S) -> std::io::Result<()>,
-    ) -> Result<()> {
-        let mut failed = lock(&self.sync_failed);
-        if *failed {
-            return Err(Error::Poisoned { what: self.name });
+        let mut state = self.shared.state();
+        state.hold = false;
+        if let Some(p) = phase {
+            state.phase = p;
         }
-        call(&self.storage).map_err(|e| {
-            *failed = true;
-            Error::io(self.op(what), e)
-        })
+        drop(state);
+        self.shared.changed.notify_all();
     }
+}
 
-    pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        self.change("write", |s| s.write_zeroes(offset, len))
-    }
-
-    pub fn punch(&self, offset: u64, len: u64) -> Result<()> {
-        self.change("discard", |s| s.punch_hole(offset, len))
-    }
-
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.storage
-            .read_at(offset, buf)
-            .map_err(|e| Error::io(self.op("read"), e))
-    }
-
-    /// Whether some finished write is not covered by a completed sync.
-    fn needs_sync(&self) -> bool {
-        self.synced.load(Ordering::Acquire) < self.written.load(Ordering::Acquire)
-    }
-
-    /// fdatasync; after one failure every later call fails too (E5).
-    /// Skipped when a completed sync already covered every finished write.
-    pub fn sync(&self) -> Result<()> {
-        let target = self.written.load(Ordering::Acquire);
-        if self.synced.load(Ordering::Acquire) >= target {
-            // A completed sync covered every write that finished before
-            // this call.
-            return Ok(());
-        }
-        self.reporting_errors("fdatasync", |s| {
-            // A sync that finished while this one waited for the lock may
-            // already cover every write this one must.
-            if self.synced.load(Ordering::Acquire) >= target {
-                return Ok(());
-            }
-            s.sync_data()
-        })?;
-        self.synced.fetch_max(target, Ordering::AcqRel);
-        Ok(())
-    }
-
-    /// Starts (`wait` false) or finishes (`wait` true) the write-back of a
-    /// range. Any error is a failed sync (E5): `sync_file_range` may have
-    /// consumed the error a later fdatasync would have reported.
-    pub fn write_back(&self, range: std::ops::Range<u64>, wait: bool) -> Result<()> {
-        let len = range.end - range.start;
-        self.reporting_errors("fdatasync", |s| {
-            if wait {
-                s.wait_write_back(range.start, len)
-            } else {
-                s.start_write_back(range.start, len)
-            }
-        })
-    }
-
-    fn retire(&self) {
-        self.retired.store(true, Ordering::Release);
-    }
-
-    fn op(&self, what: &'static str) -> &'static str {
-        match (self.name, what) {
-            ("source", "write") => "source write",
-            ("source", "read") => "source read",
-            ("source", "discard") => "source discard",
-            ("source", _) => "source fdatasync",
-            (_, "write") => "destination write",
-            (_, "read") => "destination read",
-            (_, "discard") => "destination discard",
-            _ => "destination fdatasync",
-        }
+impl<S: Storage, J: Storage> Drop for Hold<'_, S, J> {
+    fn drop(&mut self) {
+        self.let_go(None);
     }
 }
 
@@ -463,6 +356,37 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Runs `helper` on a scoped thread while `here` runs on this one, and
+/// returns both results. When no thread can be spawned (pids.max,
+/// RLIMIT_NPROC), runs both here, one after the other: slower, never a
+/// panic in the middle of a guest request or a switch.
+pub(crate) fn on_both<H, RH, T, RT>(helper: H, here: T) -> (RH, RT)
+where
+    H: FnOnce() -> RH + Send,
+    RH: Send,
+    T: FnOnce() -> RT,
+{
+    // The closure handed to the thread only borrows `helper`, so a failed
+    // spawn leaves it here to run.
+    let slot = Mutex::new(Some(helper));
+    let take = || lock(&slot).take().map(|f| f());
+    std::thread::scope(
+        |scope| match std::thread::Builder::new().spawn_scoped(scope, take) {
+            Ok(handle) => {
+                let theirs = here();
+                let helped = handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (helped.expect("the helper ran"), theirs)
+            }
+            Err(_) => {
+                let helped = take().expect("the helper did not run");
+                (helped, here())
+            }
+        },
+    )
+}
+
 impl<S: Storage, J: Storage> Shared<S, J> {
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
@@ -477,8 +401,10 @@ impl<S: Storage, J: Storage> Shared<S, J> {
     }
 
     /// Waits at the door while a switch holds guest I/O, then counts the
-    /// request in. Returns the phase the request runs under.
-    pub fn enter(&self) -> Result<JobPhase> {
+    /// request in. Returns the phase the request runs under, and a guard
+    /// that counts it out however the request ends, a panic included: a
+    /// request counted forever would freeze the guest at the next switch.
+    pub fn enter(&self) -> Result<(JobPhase, InFlight<'_, S, J>)> {
         let mut state = self.state();
         while state.hold {
             state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
@@ -489,10 +415,10 @@ impl<S: Storage, J: Storage> Shared<S, J> {
         state.guest_in_flight += 1;
         let now = self.started.elapsed().as_nanos() as u64;
         self.last_guest_request.store(now, Ordering::Release);
-        Ok(state.phase)
+        Ok((state.phase, InFlight(self)))
     }
 
-    pub fn leave(&self) {
+    fn leave(&self) {
         let mut state = self.state();
         state.guest_in_flight -= 1;
         if state.guest_in_flight == 0 {
@@ -594,25 +520,12 @@ impl<S: Storage, J: Storage> Shared<S, J> {
 
     /// fdatasyncs both images at once: the switch waits for the slower of
     /// the two, not their sum. Returns (destination, source).
-    fn sync_images_concurrently(&self) -> (Result<()>, Result<()>)
-    where
-        S: Storage,
-    {
+    fn sync_images_concurrently(&self) -> (Result<()>, Result<()>) {
         // A thread only when both have something to sync.
         if !self.destination.needs_sync() || !self.source.needs_sync() {
             return (self.destination.sync(), self.source.sync());
         }
-        std::thread::scope(|scope| {
-            let destination = scope.spawn(|| self.destination.sync());
-            let source = self.source.sync();
-            let destination = destination.join().unwrap_or_else(|_| {
-                Err(Error::io(
-                    "destination fdatasync",
-                    std::io::Error::other("sync thread panicked"),
-                ))
-            });
-            (destination, source)
-        })
+        on_both(|| self.destination.sync(), || self.source.sync())
     }
 
     /// Called by copy workers once nothing is dirty.
@@ -672,8 +585,8 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
         }
         let granules = size.div_ceil(config.granularity);
         let shared = Shared {
-            source: Image::new(source, "source"),
-            destination: Image::new(destination, "destination"),
+            source: Image::new(source, Role::Source),
+            destination: Image::new(destination, Role::Destination),
             size,
             dirty: DirtyBitmap::new(granules),
             config,
@@ -836,9 +749,15 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             )));
         }
         state.hold = true;
+        drop(state);
+        let hold = Hold {
+            shared,
+            released: false,
+        };
         let held = Instant::now();
         // In-flight requests may need the journal (a destination failure
         // records Aborted), so the journal is taken only once they drained.
+        let mut state = shared.state();
         while state.guest_in_flight > 0 {
             state = shared
                 .changed
@@ -846,18 +765,9 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
                 .unwrap_or_else(|p| p.into_inner());
         }
         drop(state);
-        let release = |phase: Option<JobPhase>| {
-            let mut state = shared.state();
-            state.hold = false;
-            if let Some(p) = phase {
-                state.phase = p;
-            }
-            drop(state);
-            shared.changed.notify_all();
-        };
         let mut journal = lock(&shared.journal);
         if shared.phase() != JobPhase::Ready {
-            release(None);
+            hold.release(None);
             return Err(Error::InvalidInput(format!(
                 "the job became {}",
                 shared.phase().name()
@@ -873,18 +783,18 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
         // Usually free: write-through left nothing unsynced. Still needed
         // for writes that finished between the last sync and the hold.
         let (destination_synced, source_synced) = shared.sync_images_concurrently();
-        // On failure the new phase is set before held requests are let go,
-        // so none of them runs under the old one.
+        // On failure the new phase is set before held requests are let go
+        // (`Hold::release`), so none of them runs under the old one.
         if let Err(e) = destination_synced {
             drop(journal);
             shared.fail_destination(&e);
-            release(None);
+            hold.release(None);
             return Err(e);
         }
         if let Err(e) = source_synced {
             drop(journal);
             shared.fail_engine(format!("source: {}", e.describe()));
-            release(None);
+            hold.release(None);
             return Err(e);
         }
         let seq = match journal.commit(Phase::Switched, shared.copied.load(Ordering::Acquire)) {
@@ -892,7 +802,7 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             Err(e) => {
                 drop(journal);
                 shared.fail_engine(format!("journal: {}", e.describe()));
-                release(None);
+                hold.release(None);
                 return Err(e);
             }
         };
@@ -904,7 +814,7 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             let mut state = shared.state();
             state.switch_pause = Some(pause);
         }
-        release(Some(JobPhase::Switched));
+        hold.release(Some(JobPhase::Switched));
         drop(journal);
         shared.emit(Event::Switched { pause });
         Ok(SwitchReport { pause, seq })

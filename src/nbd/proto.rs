@@ -309,14 +309,19 @@ impl Command {
     }
 
     /// The command flags this server accepts with this command.
+    ///
+    /// FUA is accepted on every command: the spec says a server that
+    /// advertised SEND_FUA MUST accept it on any command, even if it only
+    /// ignores it, and clients set it on reads and flushes (where a flush
+    /// already is all FUA could ask for).
     pub fn allowed_flags(self) -> u16 {
         match self {
-            Command::Write | Command::Trim => CMD_FLAG_FUA,
+            Command::Write | Command::Trim | Command::Flush | Command::Disc => CMD_FLAG_FUA,
             Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
             // DF and REQ_ONE only mean something with structured replies,
             // which are never negotiated here; harmless to ignore on reads.
-            Command::Read => CMD_FLAG_DF | CMD_FLAG_REQ_ONE,
-            Command::Disc | Command::Flush | Command::Other(_) => 0,
+            Command::Read => CMD_FLAG_FUA | CMD_FLAG_DF | CMD_FLAG_REQ_ONE,
+            Command::Other(_) => 0,
         }
     }
 }

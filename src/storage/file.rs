@@ -29,6 +29,10 @@ pub struct FileStorage {
     file: File,
     path: PathBuf,
     is_block_device: bool,
+    /// The unit a discard must be aligned to: a block device's logical
+    /// block size (fallocate refuses anything else with EINVAL), 1 for a
+    /// file, where the file system zeroes partial blocks itself.
+    discard_unit: u64,
 }
 
 /// What `stat` said about an image when a job started. Recorded in the journal
@@ -107,10 +111,20 @@ impl FileStorage {
                 path.display()
             )));
         }
+        let discard_unit = if is_block_device {
+            u64::from(
+                rfs::ioctl_blksszget(&file)
+                    .map_err(|e| Error::io_at("BLKSSZGET", path, to_io(e)))?,
+            )
+            .max(1)
+        } else {
+            1
+        };
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
             is_block_device,
+            discard_unit,
         })
     }
 
@@ -133,6 +147,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             is_block_device: false,
+            discard_unit: 1,
         })
     }
 
@@ -185,6 +200,7 @@ impl FileStorage {
                 file,
                 path: path.to_path_buf(),
                 is_block_device: false,
+                discard_unit: 1,
             },
             lock,
         ))
@@ -300,15 +316,33 @@ impl Storage for FileStorage {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        match rfs::fallocate(&self.file, flags, offset, len) {
-            Ok(()) => Ok(()),
-            // Block devices and some file systems cannot punch: write zeros.
-            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NODEV) => {
-                self.write_zeroes(offset, len)
-            }
-            Err(e) => Err(to_io(e)),
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // A block device discards whole logical blocks only: zero the
+        // partial ones at either end, punch what lies between.
+        let unit = self.discard_unit;
+        let aligned = offset.div_ceil(unit) * unit..end / unit * unit;
+        if aligned.start >= aligned.end {
+            return self.write_zeroes(offset, len);
         }
+        self.write_zeroes(offset, aligned.start - offset)?;
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match rfs::fallocate(
+            &self.file,
+            flags,
+            aligned.start,
+            aligned.end - aligned.start,
+        ) {
+            Ok(()) => {}
+            // Old kernels' block devices and some file systems cannot
+            // punch: write zeros.
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NODEV) => {
+                self.write_zeroes(aligned.start, aligned.end - aligned.start)?
+            }
+            Err(e) => return Err(to_io(e)),
+        }
+        self.write_zeroes(aligned.end, end - aligned.end)
     }
 
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
@@ -391,22 +425,22 @@ pub fn create_new_file_atomically(
         file: File::from(fd),
         path: temp_path.clone(),
         is_block_device: false,
+        discard_unit: 1,
     };
     let result = (|| {
         rfs::flock(&storage.file, FlockOperation::NonBlockingLockExclusive)
             .map_err(|e| Error::io_at("flock", &temp_path, to_io(e)))?;
         fill(&storage)?;
         rfs::fsync(&storage.file).map_err(|e| Error::io_at("fsync", &temp_path, to_io(e)))?;
-        rfs::renameat_with(rfs::CWD, &temp_path, rfs::CWD, path, RenameFlags::NOREPLACE).map_err(
-            |e| {
-                if e == rustix::io::Errno::EXIST {
-                    Error::InvalidInput(format!("{} already exists", path.display()))
-                } else {
-                    Error::io_at("rename", path, to_io(e))
-                }
-            },
-        )?;
-        Ok(())
+        match rfs::renameat_with(rfs::CWD, &temp_path, rfs::CWD, path, RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::EXIST) => Err(already_exists(path)),
+            // NFS, some FUSE file systems: no RENAME_NOREPLACE.
+            Err(
+                rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP,
+            ) => link_into_place(&temp_path, path),
+            Err(e) => Err(Error::io_at("rename", path, to_io(e))),
+        }
     })();
     if let Err(e) = result {
         // Best effort: a leftover temporary file is harmless but untidy.
@@ -418,6 +452,34 @@ pub fn create_new_file_atomically(
         path: path.to_path_buf(),
         ..storage
     })
+}
+
+fn already_exists(path: &Path) -> Error {
+    Error::InvalidInput(format!("{} already exists", path.display()))
+}
+
+/// The other atomic "create, never replace": link(2) fails with EEXIST
+/// when anything is at `path`, then the temporary name goes. A crash
+/// between the two leaves the temporary name behind as a second link to a
+/// complete file: untidy, never wrong.
+fn link_into_place(temp_path: &Path, path: &Path) -> Result<()> {
+    match rfs::linkat(rfs::CWD, temp_path, rfs::CWD, path, rfs::AtFlags::empty()) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => return Err(already_exists(path)),
+        Err(e @ (rustix::io::Errno::PERM | rustix::io::Errno::OPNOTSUPP)) => {
+            return Err(Error::io_at(
+                "create without replacing (the file system supports neither \
+                 renameat2(RENAME_NOREPLACE) nor hard links)",
+                path,
+                to_io(e),
+            ));
+        }
+        Err(e) => return Err(Error::io_at("link", path, to_io(e))),
+    }
+    // The file is in place whatever happens now; a temporary name left
+    // behind is the harmless case above.
+    let _ = rfs::unlinkat(rfs::CWD, temp_path, rfs::AtFlags::empty());
+    Ok(())
 }
 
 /// Writes `bytes` to a new file beside `path` named `<name>.broken.<ns>`,
@@ -441,6 +503,22 @@ pub fn write_backup_copy(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_fallback_creates_once_and_never_replaces() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let temp = dir.path().join(".journal.tmp");
+        let path = dir.path().join("journal");
+        std::fs::write(&temp, b"new").expect("temp");
+        link_into_place(&temp, &path).expect("link into place");
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+        assert!(!temp.exists(), "the temporary name is gone");
+
+        std::fs::write(&temp, b"other").expect("temp");
+        let refused = link_into_place(&temp, &path).expect_err("an existing file");
+        assert!(refused.to_string().contains("already exists"), "{refused}");
+        assert_eq!(std::fs::read(&path).expect("read"), b"new", "not replaced");
+    }
 
     #[test]
     fn a_durable_write_lands_whole_at_any_alignment() {

@@ -1183,3 +1183,26 @@ fn client_may_stop_between_messages() {
     let stats = fx.handle().stats();
     assert_eq!((stats.dropped, stats.requests, stats.errors), (0, 1, 0));
 }
+
+#[test]
+fn fua_is_accepted_on_every_command_once_advertised() {
+    // The spec: a server that advertised SEND_FUA MUST accept the flag on
+    // all commands, even by ignoring it.
+    let (fx, device) = serve_mem(MIB);
+    let (mut c, _, flags) = RawClient::transmission(&fx.socket);
+    assert_ne!(flags & proto::TFLAG_SEND_FUA, 0);
+    assert_eq!(c.write(1, 4096, b"fua!"), 0);
+    c.request(proto::Command::Read, proto::CMD_FLAG_FUA, 2, 4096, 4);
+    let reply = c.reply();
+    assert_eq!((reply.handle, reply.error), (2, 0), "a read with FUA");
+    assert_eq!(c.recv_vec(4), b"fua!");
+    let flushes = device.flushes.load(Ordering::SeqCst);
+    c.request(proto::Command::Flush, proto::CMD_FLAG_FUA, 3, 0, 0);
+    let reply = c.reply();
+    assert_eq!((reply.handle, reply.error), (3, 0), "a flush with FUA");
+    assert_eq!(device.flushes.load(Ordering::SeqCst), flushes + 1);
+    c.request(proto::Command::Disc, proto::CMD_FLAG_FUA, 4, 0, 0);
+    assert!(c.closed(), "a disconnect with FUA ends the connection");
+    wait_for("the connection to end", || fx.handle().stats().active == 0);
+    assert_eq!(fx.handle().stats().errors, 0);
+}

@@ -92,7 +92,7 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
     // Holding the journal keeps its lock: no second engine while we serve.
     let journal = Journal::resume(opened.storage, &recovered)?;
     Ok(Ok(Plan {
-        device: Arc::new(ImageDevice::new(storage)?),
+        device: Arc::new(ImageDevice::new(storage, record.source.size)?),
         controller: Arc::new(JournalController::new(journal)),
         phase,
         authoritative,
