@@ -1660,3 +1660,316 @@ fn a_failed_write_back_of_the_destination_aborts_the_job_before_the_switch() {
     guest.read(0, &mut buf).expect("read");
     assert_eq!(buf, vec![9; 512]);
 }
+
+// ---------------------------------------------------------------------------
+// Liveness: Ready comes whichever worker clears the last bit.
+
+/// Two copy steps at once, as two copy workers run them: one claims the
+/// last run and stops inside its source read; the other finds nothing to
+/// claim and leaves. The first one's step must make the job Ready: no
+/// other step may ever come (a worker beyond `busy_workers` stands aside
+/// for as long as the guest stays busy).
+#[test]
+fn the_step_that_clears_the_last_bit_makes_the_job_ready() {
+    let source_gate = Arc::new(GateCtl::default());
+    let source = Gate {
+        disk: SimDisk::from_bytes(pattern(1, SIZE as usize)),
+        ctl: Arc::clone(&source_gate),
+    };
+    let destination = Gate {
+        disk: SimDisk::new(SIZE),
+        ctl: Arc::default(),
+    };
+    let journal_disk = SimDisk::new(JOURNAL_LEN);
+    let journal = Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
+    let job = Job::new(journal, source, destination, sim_config()).expect("Job::new");
+    let runs = SIZE / (2 * G);
+    for _ in 1..runs {
+        assert!(matches!(job.copy_step(), Ok(StepOutcome::Copied(_))));
+    }
+    assert_eq!(job.status().phase, JobPhase::Copying);
+    source_gate.armed.store(true, Ordering::Release);
+    std::thread::scope(|scope| {
+        let last = scope.spawn(|| job.copy_step().expect("the last step"));
+        assert!(
+            source_gate.wait_paused(Duration::from_secs(10)),
+            "the last step reached its source read"
+        );
+        assert_eq!(job.copy_step().expect("an idle step"), StepOutcome::Done);
+        assert_eq!(
+            job.status().phase,
+            JobPhase::Copying,
+            "one run is in flight"
+        );
+        source_gate.release();
+        assert_eq!(last.join().expect("no panic"), StepOutcome::Copied(2 * G));
+    });
+    let status = job.status();
+    assert_eq!(
+        (status.phase, status.dirty_bytes),
+        (JobPhase::Ready, 0),
+        "the step that cleared the last dirty bit made the job Ready"
+    );
+    let recovered = journal::analyse(&journal_disk)
+        .expect("journal")
+        .outcome
+        .expect("decided");
+    assert_eq!(recovered.record.phase, Phase::Ready);
+}
+
+/// The copy workers run on their own while a guest writes without a pause
+/// from before the pass starts until the job is Ready: Ready must come,
+/// and the switch then hands over a destination equal to what the guest
+/// wrote.
+#[test]
+fn ready_comes_under_a_guest_that_never_pauses() {
+    const GRANULES: u64 = 512;
+    let size = GRANULES * G;
+    let initial = pattern(7, size as usize);
+    let source = SimDisk::from_bytes(initial.clone());
+    let destination = SimDisk::new(size);
+    let journal = Journal::format(SimDisk::new(JOURNAL_LEN), UUID, first_record()).expect("format");
+    let config = Config {
+        copy_workers: 3,
+        busy_workers: 1,
+        ..sim_config()
+    };
+    let mut job = Job::new(journal, source, destination.clone(), config).expect("Job::new");
+    let guest = job.guest();
+    let stop = AtomicBool::new(false);
+    let mut model = initial;
+    let mut writes = 0u64;
+    let phase = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut rng = Rng(99);
+            let mut buf = vec![0u8; 2 * G as usize];
+            while !stop.load(Ordering::Acquire) {
+                let offset = rng.below(0..size - buf.len() as u64);
+                rng.fill(&mut buf);
+                guest.write(offset, &buf, false).expect("guest write");
+                model[offset as usize..offset as usize + buf.len()].copy_from_slice(&buf);
+                writes += 1;
+            }
+        });
+        // Let the guest be busy before the pass starts.
+        std::thread::sleep(Duration::from_millis(30));
+        job.start_workers();
+        let phase = job.wait_ready(Duration::from_secs(60));
+        stop.store(true, Ordering::Release);
+        writer.join().expect("writer");
+        phase
+    });
+    println!("ready under a busy guest after {writes} guest writes");
+    assert_eq!(phase, JobPhase::Ready, "{:?}", job.status());
+    assert!(writes > 0);
+    job.switch().expect("switch");
+    assert_same(
+        &destination.live_bytes(),
+        &model,
+        "destination after the switch",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The switch's write-through window.
+
+/// A plain guest write that fails with ENOSPC on the source while the
+/// switch mirrors write-through: the guest gets the error, as it would
+/// outside the window, and the job goes on to switch with equal images.
+#[test]
+fn a_write_error_in_the_write_through_window_goes_to_the_guest_and_the_switch_goes_on() {
+    let initial = pattern(1, SIZE as usize);
+    let source = SyncHook::new(SimDisk::from_bytes(initial.clone()));
+    let destination = SyncHook::new(SimDisk::new(SIZE));
+    let journal_disk = SimDisk::new(JOURNAL_LEN);
+    let journal = Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
+    let job =
+        Job::new(journal, source.clone(), destination.clone(), sim_config()).expect("Job::new");
+    while job.copy_step().expect("step") != StepOutcome::Done {}
+    assert_eq!(job.status().phase, JobPhase::Ready);
+    let guest = job.guest();
+    let outcome: Arc<Mutex<Option<livecopy::Result<()>>>> = Arc::default();
+    let writer_outcome = Arc::clone(&outcome);
+    let source_disk = source.disk.clone();
+    let syncs_before = destination.syncs.load(Ordering::Acquire);
+    // A plain write in the switch's first sync round gives the
+    // write-through round something to sync: the destination's second sync
+    // runs with write-through on. The failing write runs on its own thread
+    // (the hook holds the destination's sync lock, which the write's own
+    // sync needs); the hook only waits for it to reach the source.
+    *destination.hook.lock().unwrap() = Some(Box::new(move |n| {
+        if n - syncs_before == 1 {
+            guest
+                .write(3 * G, &pattern(3, 100), false)
+                .expect("a plain write in the first round");
+            return;
+        }
+        if n - syncs_before != 2 {
+            return;
+        }
+        let ops = source_disk.ops();
+        source_disk.fail_next_write(IoKind::StorageFull, 0);
+        let guest = guest.clone();
+        let writer_outcome = Arc::clone(&writer_outcome);
+        std::thread::spawn(move || {
+            let result = guest.write(5 * G, &pattern(5, G as usize), false);
+            *writer_outcome.lock().unwrap() = Some(result);
+        });
+        assert!(
+            wait_for(Duration::from_secs(10), || source_disk.ops() > ops),
+            "the write reached the source"
+        );
+    }));
+    let switched = job.switch();
+    *destination.hook.lock().unwrap() = None;
+    assert!(
+        wait_for(Duration::from_secs(10), || outcome
+            .lock()
+            .unwrap()
+            .is_some()),
+        "the guest write returned"
+    );
+    let result = outcome.lock().unwrap().take().expect("outcome");
+    let error = result.expect_err("the source write failed");
+    assert!(
+        error.describe().contains("os error 28"),
+        "the guest gets ENOSPC: {}",
+        error.describe()
+    );
+    let status = job.status();
+    assert!(
+        switched.is_ok(),
+        "the switch goes on after a write error: {status:?}"
+    );
+    assert_eq!(status.phase, JobPhase::Switched, "{status:?}");
+    // What the guest reads now is what it read before the switch: the
+    // failed write left both images alike.
+    assert_same(
+        &destination.disk.live_bytes(),
+        &source.disk.live_bytes(),
+        "destination and source after the switch",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Panics never freeze the guest.
+
+/// A storage that panics on its next write (or sync) once armed, as a
+/// failed thread spawn or a bug in a lower layer would.
+#[derive(Clone)]
+struct Panicky {
+    disk: SimDisk,
+    write: Arc<AtomicBool>,
+    sync: Arc<AtomicBool>,
+}
+
+impl Panicky {
+    fn new(disk: SimDisk) -> Self {
+        Panicky {
+            disk,
+            write: Arc::default(),
+            sync: Arc::default(),
+        }
+    }
+}
+
+impl Storage for Panicky {
+    fn len(&self) -> std::io::Result<u64> {
+        self.disk.len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.disk.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        assert!(
+            !self.write.swap(false, Ordering::AcqRel),
+            "injected write panic"
+        );
+        self.disk.write_at(offset, data)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        assert!(
+            !self.sync.swap(false, Ordering::AcqRel),
+            "injected sync panic"
+        );
+        self.disk.sync_data()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.disk.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.disk.punch_hole(offset, len)
+    }
+}
+
+/// Runs `f` on its own thread; `None` if it did not return in 20 s (the
+/// thread is left behind: the test fails anyway).
+fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(f());
+    });
+    receiver.recv_timeout(Duration::from_secs(20)).ok()
+}
+
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+}
+
+/// A guest request that panics half-way is counted out of flight: the
+/// next switch does not wait for it forever. Its write may be on one image
+/// only, so the copy is abandoned (source authoritative), and the guest
+/// carries on.
+#[test]
+fn a_panicking_guest_request_never_freezes_the_next_switch() {
+    let source = Panicky::new(SimDisk::from_bytes(pattern(1, SIZE as usize)));
+    let destination = Panicky::new(SimDisk::new(SIZE));
+    let journal_disk = SimDisk::new(JOURNAL_LEN);
+    let journal = Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
+    let job = Arc::new(
+        Job::new(journal, source.clone(), destination.clone(), sim_config()).expect("Job::new"),
+    );
+    while job.copy_step().expect("step") != StepOutcome::Done {}
+    destination.write.store(true, Ordering::Release);
+    let guest = job.guest();
+    let panicked = quietly(|| guest.write(G, &pattern(3, 100), false));
+    assert!(panicked.is_err(), "the injected panic surfaced");
+    let status = job.status();
+    assert_eq!(status.guest_in_flight, 0, "{status:?}");
+    assert_eq!(status.phase, JobPhase::Aborted, "{status:?}");
+    let switching = Arc::clone(&job);
+    let switched = within(move || switching.switch().map(|r| r.seq));
+    let switched = switched.expect("switch returned instead of waiting forever");
+    assert!(switched.is_err(), "an aborted job does not switch");
+    let guest = job.guest();
+    let wrote = within(move || guest.write(2 * G, &pattern(4, 100), false).is_ok());
+    assert_eq!(wrote, Some(true), "the guest carries on with the source");
+    let recovered = journal::analyse(&journal_disk)
+        .expect("journal")
+        .outcome
+        .expect("decided");
+    assert_eq!(recovered.record.authoritative, Side::Source);
+}
+
+/// A panic inside the switch's hold (here in the journal's commit) lets
+/// the held guest requests go: the guest is never frozen by a switch that
+/// did not finish.
+#[test]
+fn a_panic_inside_the_switchs_hold_lets_the_guest_go() {
+    let source = SimDisk::from_bytes(pattern(1, SIZE as usize));
+    let destination = SimDisk::new(SIZE);
+    let journal_disk = Panicky::new(SimDisk::new(JOURNAL_LEN));
+    let journal = Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
+    let job = Arc::new(Job::new(journal, source, destination, sim_config()).expect("Job::new"));
+    while job.copy_step().expect("step") != StepOutcome::Done {}
+    journal_disk.write.store(true, Ordering::Release);
+    let panicked = quietly(|| job.switch().map(|r| r.seq));
+    assert!(panicked.is_err(), "the injected panic surfaced");
+    let guest = job.guest();
+    let read = within(move || {
+        let mut buf = vec![0u8; 100];
+        guest.read(0, &mut buf).map(|()| buf)
+    });
+    let read = read.expect("a guest read returned instead of waiting at the door");
+    assert_eq!(read.expect("read"), pattern(1, SIZE as usize)[..100]);
+}

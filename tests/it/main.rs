@@ -1,10 +1,12 @@
 //! The integration tests, in one binary.
 
+mod block_device;
 mod cli;
 mod copy_cli;
 mod crash;
 mod engine;
 mod engine_crash;
+mod export;
 mod fuzz_corpus;
 mod golden;
 mod model;

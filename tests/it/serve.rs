@@ -1514,3 +1514,46 @@ fn serve_checks_its_socket_paths_before_creating_anything() {
         );
     }
 }
+
+/// After a restart, serve exports the disk's size as the job recorded it
+/// (a larger destination never exposes the tail the copy did not write),
+/// and refuses an image resized since the job started.
+#[test]
+fn serve_exports_the_recorded_size_and_refuses_a_resized_image() {
+    let size = 4 * MIB;
+    let layout = Layout::new(size);
+    std::fs::File::create(&layout.dest)
+        .and_then(|f| f.set_len(2 * size))
+        .expect("an 8 MiB destination");
+    let copied = run(&[
+        "copy",
+        "--journal",
+        path_str(&layout.journal),
+        path_str(&layout.source),
+        path_str(&layout.dest),
+    ]);
+    assert_eq!(copied.code, 0, "{}\n{}", copied.stdout, copied.stderr);
+    let mut serve = layout.serve("1", &[]);
+    assert_eq!(serve.announced["phase"], "completed", "{}", serve.announced);
+    let info = tool(
+        "qemu-img",
+        ["info", "--output", "json", "-f", "raw", &serve.url()],
+        TOOL_TIMEOUT,
+    );
+    assert_eq!(info.code, 0, "{}", info.text());
+    let info: Value = serde_json::from_str(&info.stdout).expect("qemu-img info JSON");
+    assert_eq!(info["virtual-size"], size, "{info}");
+    serve.kill();
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&layout.dest)
+        .and_then(|f| f.set_len(3 * size))
+        .expect("resize the destination");
+    let refused = Serve::try_start(&layout, "2", &[])
+        .err()
+        .expect("serve refuses a resized image");
+    assert_eq!(refused.code, 9, "{}", refused.text());
+    assert!(refused.stderr.contains("resized"), "{}", refused.text());
+    assert!(!layout.nbd("2").exists() && !layout.ctl("2").exists());
+}
