@@ -366,25 +366,32 @@ where
     RH: Send,
     T: FnOnce() -> RT,
 {
+    on_both_with(std::thread::Builder::new(), helper, here)
+}
+
+fn on_both_with<H, RH, T, RT>(builder: std::thread::Builder, helper: H, here: T) -> (RH, RT)
+where
+    H: FnOnce() -> RH + Send,
+    RH: Send,
+    T: FnOnce() -> RT,
+{
     // The closure handed to the thread only borrows `helper`, so a failed
     // spawn leaves it here to run.
     let slot = Mutex::new(Some(helper));
     let take = || lock(&slot).take().map(|f| f());
-    std::thread::scope(
-        |scope| match std::thread::Builder::new().spawn_scoped(scope, take) {
-            Ok(handle) => {
-                let theirs = here();
-                let helped = handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                (helped.expect("the helper ran"), theirs)
-            }
-            Err(_) => {
-                let helped = take().expect("the helper did not run");
-                (helped, here())
-            }
-        },
-    )
+    std::thread::scope(|scope| match builder.spawn_scoped(scope, take) {
+        Ok(handle) => {
+            let theirs = here();
+            let helped = handle
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (helped.expect("the helper ran"), theirs)
+        }
+        Err(_) => {
+            let helped = take().expect("the helper did not run");
+            (helped, here())
+        }
+    })
 }
 
 impl<S: Storage, J: Storage> Shared<S, J> {
@@ -921,5 +928,26 @@ impl<S: Storage + 'static, J: Storage + 'static> Drop for Job<S, J> {
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_both_runs_both_on_this_thread_when_no_thread_can_be_spawned() {
+        let here = std::thread::current().id();
+        // A stack size no system can give makes the spawn fail.
+        let builder = std::thread::Builder::new().stack_size(usize::MAX);
+        let (helped, ran) = on_both_with(
+            builder,
+            || (std::thread::current().id(), 1),
+            || (std::thread::current().id(), 2),
+        );
+        assert_eq!((helped, ran), ((here, 1), (here, 2)));
+        let (helped, ran) = on_both(|| std::thread::current().id(), || 3);
+        assert_ne!(helped, here, "a helper thread when one can be had");
+        assert_eq!(ran, 3);
     }
 }
