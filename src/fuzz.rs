@@ -735,6 +735,13 @@ pub fn nbd_messages(data: &[u8]) {
     }
 }
 
+/// What an NBD server sends the client, after three requests: the reply
+/// reader never panics and completes no request with less than it asked
+/// for (see `storage::nbd::fuzz_replies`).
+pub fn nbd_replies(data: &[u8]) {
+    crate::storage::nbd::fuzz_replies(data);
+}
+
 /// A control-socket request line: parsing never panics, and every reply
 /// built for it is exactly one line of JSON.
 pub fn control_request(data: &[u8]) {

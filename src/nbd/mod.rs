@@ -16,11 +16,16 @@
 //!
 //! - [`proto`]: the wire format, pure.
 //! - [`server`]: sockets, the handshake, the request pipeline.
+//! - [`structured`]: structured replies, block status and block sizes,
+//!   pure; what the client in `storage::nbd` parses.
 
 pub mod proto;
 pub mod server;
+mod stream;
+pub mod structured;
 
 pub use server::{Server, ServerHandle, Stats, bind_tcp, bind_unix};
+pub use stream::Stream;
 
 use crate::error::{Error, ErrorKind};
 

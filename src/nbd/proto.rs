@@ -79,15 +79,20 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 /// Option reply: one piece of information about an export.
 pub const REP_INFO: u32 = 3;
-const REP_ERR: u32 = 1 << 31;
+/// The bit every option error reply has.
+pub const REP_ERR: u32 = 1 << 31;
 /// Option error: the option is not supported.
 pub const REP_ERR_UNSUP: u32 = REP_ERR + 1;
 /// Option error: refused by policy.
 pub const REP_ERR_POLICY: u32 = REP_ERR + 2;
 /// Option error: the option data is malformed.
 pub const REP_ERR_INVALID: u32 = REP_ERR + 3;
+/// Option error: the option needs TLS first (STARTTLS).
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR + 5;
 /// Option error: the server is shutting down.
-pub const REP_ERR_SHUTDOWN: u32 = REP_ERR + 5;
+pub const REP_ERR_SHUTDOWN: u32 = REP_ERR + 7;
+/// Option error: the server needs the client to accept block sizes.
+pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_ERR + 8;
 /// Option error: no export by that name.
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR + 6;
 /// Option error: the option (or its reply) is too large.
@@ -379,15 +384,15 @@ pub enum Payload {
     Discarded,
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
+pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_be_bytes(a)
@@ -465,7 +470,7 @@ pub fn parse_option_header(bytes: &[u8; OPTION_HEADER_LEN]) -> Result<OptionHead
     })
 }
 
-fn parse_name(bytes: &[u8]) -> Result<String, ProtoError> {
+pub(crate) fn parse_name(bytes: &[u8]) -> Result<String, ProtoError> {
     if bytes.len() > MAX_STRING {
         return Err(ProtoError::TooBig {
             what: "export name",

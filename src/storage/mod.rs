@@ -9,6 +9,8 @@
 //! no other module opens, reads, writes or syncs a file.
 
 mod file;
+pub mod location;
+pub(crate) mod nbd;
 mod sim;
 
 use std::io;
@@ -18,6 +20,8 @@ pub use file::{
     FileStorage, ImageIdentity, JournalAccess, LockState, create_new_file_atomically,
     stat_identity, sync_parent, write_backup_copy,
 };
+pub use location::{Endpoint, Location, NbdAddress};
+pub use nbd::{ExportInfo, NbdStorage};
 pub use sim::{CrashClock, PendingWrite, SECTOR_SIZE, SectorFate, SimDisk, WriteFate};
 
 /// A block of bytes addressed by offset.

@@ -131,6 +131,11 @@ fn nbd_messages_corpus() {
 }
 
 #[test]
+fn nbd_replies_corpus() {
+    replay("nbd_replies", livecopy::fuzz::nbd_replies, 8);
+}
+
+#[test]
 fn control_request_corpus() {
     replay("control_request", livecopy::fuzz::control_request, 12);
 }

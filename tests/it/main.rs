@@ -11,6 +11,7 @@ mod fuzz_corpus;
 mod golden;
 mod model;
 mod nbd;
+mod nbd_client;
 mod recovery_table;
 mod serve;
 mod sim;
