@@ -277,8 +277,9 @@ impl<S: Storage, J: Storage> Drop for InFlight<'_, S, J> {
 }
 
 /// A switch's hold on the door: new guest requests wait until it is let
-/// go, with or without a new phase. Dropped on an early return or a panic,
-/// it lets them go under the phase as it stands.
+/// go, with or without a new phase. Dropped on an early return, it lets
+/// them go under the phase as it stands; dropped by a panic, it stops the
+/// engine (the journal's state is then unknown) and they fail.
 struct Hold<'a, S: Storage, J: Storage> {
     shared: &'a Shared<S, J>,
     released: bool,
@@ -307,6 +308,17 @@ impl<S: Storage, J: Storage> Hold<'_, S, J> {
 
 impl<S: Storage, J: Storage> Drop for Hold<'_, S, J> {
     fn drop(&mut self) {
+        if std::thread::panicking() && !self.released {
+            // The panic may have come after the Switched record became
+            // durable (between its two copies, say): going on as Ready
+            // would mirror under a journal that names the destination, and
+            // acknowledge flushes the destination may not keep. Fail-stop:
+            // the held requests get errors, never a wait.
+            self.shared
+                .fail_engine("the switch panicked while the guest was held".into());
+            self.released = true;
+            return;
+        }
         self.let_go(None);
     }
 }
