@@ -26,9 +26,10 @@ pub struct Authority {
 pub fn authoritative_image(path: &Path) -> Result<Authority> {
     let opened = journal::open_file(path, JournalAccess::Exclusive)?;
     let recovered = opened.analysis.outcome.map_err(Error::Refused)?;
-    journal::repair(&opened.storage, &recovered, |image| {
+    let recovered = journal::repair(&opened.storage, &recovered, |image| {
         crate::storage::write_backup_copy(path, image).map(drop)
-    })?;
+    })?
+    .recovered;
     let record = &recovered.record;
     let image = match record.authoritative {
         Side::Source => &record.source.path,

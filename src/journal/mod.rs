@@ -84,7 +84,7 @@ pub fn read_blocks<S: Storage>(storage: &S) -> Result<Option<Vec<BlockRead>>> {
             .map(|position| {
                 let mut block = vec![0u8; BLOCK_SIZE];
                 storage
-                    .read_at(position.offset(), &mut block)
+                    .read_medium_at(position.offset(), &mut block)
                     .map(|()| block)
                     .map_err(|e| e.to_string())
             })
@@ -281,24 +281,35 @@ impl<S: Storage> Journal<S> {
     }
 }
 
+/// What [`repair`] did, and recovery's verdict on the journal it left.
+#[derive(Debug, Clone)]
+pub struct Repaired {
+    /// The rewrites carried out, in order.
+    pub done: Vec<Repair>,
+    /// The journal analysed again after the rewrites: the same record, and
+    /// the repairs still pending (none, unless the planner had to leave some
+    /// out). Callers take over the journal with this, never with the
+    /// verdict they repaired from, whose repair list is now stale.
+    pub recovered: Recovered,
+}
+
 /// Rewrites damaged copies from their intact twins (J5). `backup` receives
 /// the whole journal image first and must store it durably; if it fails,
-/// nothing is written. Each rewrite is followed by a sync. Returns the
-/// repairs done.
+/// nothing is written. Each rewrite is followed by a sync and a read-back
+/// from the medium. Then the journal is analysed again; if that does not
+/// return the record repaired from, repairing fails (`Corrupt`).
 pub fn repair<S: Storage>(
     storage: &S,
     recovered: &Recovered,
     backup: impl FnOnce(&[u8]) -> Result<()>,
-) -> Result<Vec<Repair>> {
+) -> Result<Repaired> {
     if recovered.repairs.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Repaired {
+            done: Vec::new(),
+            recovered: recovered.clone(),
+        });
     }
-    let mut image = vec![0u8; JOURNAL_LEN as usize];
-    for position in Position::all() {
-        let range = position.offset() as usize..position.offset() as usize + BLOCK_SIZE;
-        // An unreadable block is backed up as zeros; it is being replaced.
-        let _ = storage.read_at(position.offset(), &mut image[range]);
-    }
+    let image = read_image(storage);
     backup(&image)?;
     for repair in &recovered.repairs {
         let offset = repair.source.offset() as usize;
@@ -310,7 +321,7 @@ pub fn repair<S: Storage>(
         // The plan assumed this copy now exists; if the medium does not give
         // it back, stop before a later step overwrites another copy of it.
         let mut back = vec![0u8; BLOCK_SIZE];
-        let read = storage.read_at(repair.target.offset(), &mut back);
+        let read = storage.read_medium_at(repair.target.offset(), &mut back);
         if read.is_err() || back[..] != format::encode(&rewritten)[..] {
             return Err(Error::Corrupt(format!(
                 "the repaired copy at {} does not read back; stopped repairing",
@@ -318,7 +329,30 @@ pub fn repair<S: Storage>(
             )));
         }
     }
-    Ok(recovered.repairs.clone())
+    let again = analyse(storage)?.outcome.map_err(|refusal| {
+        Error::Corrupt(format!("after repairing, recovery refuses: {refusal}"))
+    })?;
+    if (again.seq, again.content_crc) != (recovered.seq, recovered.content_crc) {
+        return Err(Error::Corrupt(format!(
+            "after repairing, recovery returns seq {} instead of seq {}",
+            again.seq, recovered.seq
+        )));
+    }
+    Ok(Repaired {
+        done: recovered.repairs.clone(),
+        recovered: again,
+    })
+}
+
+/// The whole journal as the medium holds it, unreadable blocks as zeros
+/// (a backup keeps what can be read; those blocks are being replaced).
+fn read_image<S: Storage>(storage: &S) -> Vec<u8> {
+    let mut image = vec![0u8; JOURNAL_LEN as usize];
+    for position in Position::all() {
+        let range = position.offset() as usize..position.offset() as usize + BLOCK_SIZE;
+        let _ = storage.read_medium_at(position.offset(), &mut image[range]);
+    }
+    image
 }
 
 /// The operator's way out of a refusal: writes a `Resolved` record naming
@@ -340,11 +374,7 @@ pub fn resolve<S: Storage>(
     })?;
     // Decoding refuses u64::MAX, so neither of these overflows.
     let seq = analysis.max_seq_seen.map_or(1, |s| s + 1);
-    let mut image = vec![0u8; JOURNAL_LEN as usize];
-    for position in Position::all() {
-        let range = position.offset() as usize..position.offset() as usize + BLOCK_SIZE;
-        let _ = storage.read_at(position.offset(), &mut image[range]);
-    }
+    let image = read_image(storage);
     backup(&image)?;
     let mut instance = [0u8; 16];
     crate::random_bytes(&mut instance);

@@ -36,6 +36,7 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
             backup = Some(storage::write_backup_copy(&args.journal, image)?);
             Ok(())
         })?
+        .done
     };
     let mut warnings = recovered.warnings.clone();
     let record = &recovered.record;
