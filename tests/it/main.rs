@@ -10,6 +10,7 @@ mod golden;
 mod model;
 mod nbd;
 mod recovery_table;
+mod resolve;
 mod restart;
 mod serve;
 mod sim;

@@ -55,10 +55,6 @@ impl Files {
         Files { dir, journal }
     }
 
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
     pub fn bytes(&self) -> Vec<u8> {
         fs::read(&self.journal).expect("read journal")
     }
