@@ -7,6 +7,7 @@ mod engine;
 mod engine_crash;
 mod fuzz_corpus;
 mod golden;
+mod medium;
 mod model;
 mod nbd;
 mod recovery_table;
