@@ -259,7 +259,8 @@ impl Storage for FileStorage {
     // pages stay, which is why recovery syncs before it reads.
     fn read_medium_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         const ALIGN: usize = 4096;
-        if offset % ALIGN as u64 == 0 && buf.len() % ALIGN == 0 && !buf.is_empty() {
+        if offset.is_multiple_of(ALIGN as u64) && buf.len().is_multiple_of(ALIGN) && !buf.is_empty()
+        {
             let proc_path = format!(
                 "/proc/self/fd/{}",
                 std::os::fd::AsRawFd::as_raw_fd(&self.file)
