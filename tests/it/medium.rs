@@ -10,7 +10,7 @@
 
 use livecopy::journal::format::Position;
 use livecopy::journal::{self, Phase, Side};
-use livecopy::storage::{SimDisk, Storage, WriteFate};
+use livecopy::storage::{Storage, WriteFate};
 
 use crate::support::sim_journal;
 
