@@ -50,7 +50,14 @@ pub struct ImageIdentity {
 pub enum JournalAccess {
     /// Read-write with an exclusive lock: refuses when another process holds it.
     Exclusive,
-    /// Read-only for inspection: goes on without the lock if it is held.
+    /// Read-only for a verdict without repair: the exclusive lock is taken
+    /// (refused while another process holds it), nothing is written, and a
+    /// read-only file system will do.
+    ReadOnly,
+    /// Read-only for inspection: takes no lock at all, so that inspecting
+    /// never makes a concurrent `recover` or engine find the journal
+    /// locked; whether another process holds the lock is read from
+    /// /proc/locks.
     Inspect,
 }
 
@@ -61,6 +68,25 @@ pub enum LockState {
     Held,
     /// Another process holds it; what we read may change under us.
     HeldElsewhere,
+    /// Nobody held it when we looked, and we did not take it (inspection).
+    Free,
+}
+
+/// Whether /proc/locks lists an flock on the file `meta` describes. Only
+/// inspection asks, and it holds no lock itself, so any such lock is
+/// another process's. Unreadable /proc/locks: not known to be held.
+fn flock_listed(meta: &std::fs::Metadata) -> bool {
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return false;
+    };
+    let (major, minor) = (rfs::major(meta.dev()), rfs::minor(meta.dev()));
+    let wanted = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a blocked
+        // waiter's line has "->" after the number.
+        fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&wanted.as_str())
+    })
 }
 
 /// sync_file_range(2), which neither std nor rustix wraps.
@@ -137,13 +163,13 @@ impl FileStorage {
     }
 
     /// Opens a journal without following symlinks, checks it is a regular
-    /// file, takes (or, for inspection, tries) the exclusive lock, and syncs
+    /// file, takes the exclusive lock (inspection takes none), and syncs
     /// the file and its directory so that nothing read afterwards can be a
     /// page-cache leftover of a crashed writer that a power cut would undo.
     pub fn open_journal(path: &Path, access: JournalAccess) -> Result<(Self, LockState)> {
         let flags = match access {
             JournalAccess::Exclusive => OFlags::RDWR,
-            JournalAccess::Inspect => OFlags::RDONLY,
+            JournalAccess::ReadOnly | JournalAccess::Inspect => OFlags::RDONLY,
         } | OFlags::CLOEXEC
             | OFlags::NOFOLLOW
             // A FIFO at the path would block a read-only open forever; with
@@ -169,13 +195,18 @@ impl FileStorage {
                 path.display()
             )));
         }
-        let lock = match rfs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => LockState::Held,
-            Err(rustix::io::Errno::WOULDBLOCK) => match access {
-                JournalAccess::Exclusive => return Err(Error::Locked(path.to_path_buf())),
-                JournalAccess::Inspect => LockState::HeldElsewhere,
-            },
-            Err(e) => return Err(Error::io_at("flock", path, to_io(e))),
+        let lock = match access {
+            JournalAccess::Inspect if flock_listed(&meta) => LockState::HeldElsewhere,
+            JournalAccess::Inspect => LockState::Free,
+            JournalAccess::Exclusive | JournalAccess::ReadOnly => {
+                match rfs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                    Ok(()) => LockState::Held,
+                    Err(rustix::io::Errno::WOULDBLOCK) => {
+                        return Err(Error::Locked(path.to_path_buf()));
+                    }
+                    Err(e) => return Err(Error::io_at("flock", path, to_io(e))),
+                }
+            }
         };
         // fsync works on a read-only descriptor too.
         rfs::fsync(&file).map_err(|e| Error::io_at("fsync", path, to_io(e)))?;

@@ -944,6 +944,23 @@ fn inspect_while_locked_warns() {
     drop(held);
 }
 
+/// Inspection takes no lock: a `recover` while an inspection has the
+/// journal open goes through (it used to find it locked, exit 6).
+#[test]
+fn recover_while_inspected_is_not_locked_out() {
+    let dir = setup();
+    let j = dir.journal("switch.journal", Phase::Ready);
+    let inspecting = {
+        let _no_fork = exclusive();
+        journal::open_file(&j, livecopy::storage::JournalAccess::Inspect).expect("inspect")
+    };
+    assert_eq!(inspecting.lock, livecopy::storage::LockState::Free);
+    let run = check(&dir, &["recover", s(&j)], OK);
+    assert_stdout_contains(&run, "authoritative: source\n");
+    let _no_fork = exclusive();
+    drop(inspecting);
+}
+
 // ---- stdout for results, stderr for the rest ----
 
 #[test]

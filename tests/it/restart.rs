@@ -170,3 +170,46 @@ fn authoritative_image_returns_the_verdict_on_the_repaired_journal() {
     let storage = livecopy::storage::SimDisk::from_bytes(files.bytes());
     journal::Journal::resume(storage, &authority.recovered).expect("a writer takes over");
 }
+
+/// The library warns, as `copyctl recover` does, when the image it names
+/// is no longer the file the job recorded.
+#[test]
+fn authoritative_image_warns_when_the_image_changed() {
+    let files = Files::new(Phase::Copying);
+    let source = files.dir.path().join("source.raw");
+    let replacement = files.dir.path().join("source.new");
+    fs::write(&replacement, [1u8; 512]).expect("write");
+    fs::rename(&replacement, &source).expect("rename");
+    let authority = {
+        let _no_fork = exclusive();
+        livecopy::restart::authoritative_image(&files.journal).expect("recovers")
+    };
+    assert!(
+        authority
+            .warnings
+            .iter()
+            .any(|w| w.contains("changed since the job started") && w.contains("size 512")),
+        "{:?}",
+        authority.warnings
+    );
+}
+
+/// A verdict without repair: the same side, the repairs listed, nothing
+/// written.
+#[test]
+fn verdict_without_repair_writes_nothing() {
+    let files = Files::new(Phase::Switched);
+    let mut bytes = files.bytes();
+    bytes[range(Position::Slot { slot: 2, copy: 0 }).start + 300] ^= 0x10;
+    files.put(&bytes);
+    let authority = {
+        let _no_fork = exclusive();
+        livecopy::restart::verdict_without_repair(&files.journal).expect("recovers")
+    };
+    assert_eq!(authority.phase, Phase::Switched);
+    assert_eq!(authority.side, journal::Side::Destination);
+    assert_eq!(authority.recovered.repairs.len(), 1);
+    assert_eq!(files.bytes(), bytes, "the journal was written");
+    let listing = fs::read_dir(files.dir.path()).expect("list").count();
+    assert_eq!(listing, 3, "a backup was made");
+}
