@@ -623,7 +623,7 @@ fn check_recovered(analysis: &Analysis, recovered: &Recovered, image: &[u8], unr
 fn check_repair(disk: &SimDisk, recovered: &Recovered, reads_fail: bool) -> Recovered {
     match journal::repair(disk, recovered, |_| Ok(())) {
         Ok(done) => assert_eq!(
-            done, recovered.repairs,
+            done.done, recovered.repairs,
             "repair did other repairs than planned"
         ),
         // A block that cannot be read back stops the repair; only

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::journal::{self, Phase, Recovered, Side};
+use crate::journal::{self, ImageRecord, Phase, Recovered, Side};
 use crate::storage::JournalAccess;
 
 /// Recovery's answer for an embedding program.
@@ -15,29 +15,75 @@ pub struct Authority {
     pub image: PathBuf,
     /// The job's phase in the newest record.
     pub phase: Phase,
-    /// Everything recovery found out.
+    /// Everything recovery found out (after the repair, when one was made).
     pub recovered: Recovered,
+    /// What a human should know: recovery's warnings, then whether the
+    /// image at that path is still the one recorded (`copyctl recover`
+    /// prints the same).
+    pub warnings: Vec<String>,
 }
 
 /// Opens the journal at `path` as recovery must (no symlinks, exclusive
-/// lock, sync before reading), and names the authoritative image. Damaged
-/// copies are repaired after a backup beside the journal. Refusals come back
-/// as [`Error::Refused`]: start nothing then, and ask an operator.
+/// lock, sync before reading the medium), and names the authoritative
+/// image. Damaged copies are repaired after a backup beside the journal; if
+/// the backup or a repair cannot be written (a full or read-only file
+/// system), this fails with that error and [`verdict_without_repair`] still
+/// gives the verdict. Refusals come back as [`Error::Refused`]: start
+/// nothing then, and ask an operator.
 pub fn authoritative_image(path: &Path) -> Result<Authority> {
     let opened = journal::open_file(path, JournalAccess::Exclusive)?;
     let recovered = opened.analysis.outcome.map_err(Error::Refused)?;
-    journal::repair(&opened.storage, &recovered, |image| {
+    let recovered = journal::repair(&opened.storage, &recovered, |image| {
         crate::storage::write_backup_copy(path, image).map(drop)
-    })?;
+    })?
+    .recovered;
+    Ok(authority(recovered))
+}
+
+/// The same verdict as [`authoritative_image`], read without writing
+/// anything: the journal is opened read-only (under the exclusive lock) and
+/// damaged copies are left as they are (`recovered.repairs` lists them).
+/// An engine refuses to take over until they are repaired.
+pub fn verdict_without_repair(path: &Path) -> Result<Authority> {
+    let opened = journal::open_file(path, JournalAccess::ReadOnly)?;
+    let recovered = opened.analysis.outcome.map_err(Error::Refused)?;
+    Ok(authority(recovered))
+}
+
+fn authority(recovered: Recovered) -> Authority {
     let record = &recovered.record;
     let image = match record.authoritative {
-        Side::Source => &record.source.path,
-        Side::Destination => &record.destination.path,
+        Side::Source => &record.source,
+        Side::Destination => &record.destination,
     };
-    Ok(Authority {
+    let mut warnings = recovered.warnings.clone();
+    warnings.extend(image_warning(image));
+    Authority {
         side: record.authoritative,
-        image: PathBuf::from(image),
+        image: PathBuf::from(&image.path),
         phase: record.phase,
-        recovered: recovered.clone(),
-    })
+        warnings,
+        recovered,
+    }
+}
+
+/// Whether the file at the image's path is still the one the job recorded
+/// (device, inode, size); `None` when it is.
+pub fn image_warning(image: &ImageRecord) -> Option<String> {
+    match crate::storage::stat_identity(Path::new(&image.path)) {
+        Ok(None) => Some(format!(
+            "the authoritative image {} does not exist",
+            image.path
+        )),
+        Ok(Some(now))
+            if (now.device, now.inode, now.size) != (image.device, image.inode, image.size) =>
+        {
+            Some(format!(
+                "{} changed since the job started: recorded device {} inode {} size {}, now device {} inode {} size {}",
+                image.path, image.device, image.inode, image.size, now.device, now.inode, now.size
+            ))
+        }
+        Ok(Some(_)) => None,
+        Err(e) => Some(format!("cannot check {}: {}", image.path, e.describe())),
+    }
 }

@@ -92,9 +92,12 @@ pub fn resume(journal_path: &Path, config: Config) -> Result<FileJob> {
     config.validate()?;
     let opened = journal::open_file(journal_path, crate::storage::JournalAccess::Exclusive)?;
     let recovered = opened.analysis.outcome.map_err(Error::Refused)?;
-    journal::repair(&opened.storage, &recovered, |image| {
+    // Take over with the verdict on the repaired journal: the one repaired
+    // from still lists the repairs just done, and `resume` refuses those.
+    let recovered = journal::repair(&opened.storage, &recovered, |image| {
         crate::storage::write_backup_copy(journal_path, image).map(drop)
-    })?;
+    })?
+    .recovered;
     let record = &recovered.record;
     if !matches!(record.phase, Phase::Copying | Phase::Ready) {
         return Err(Error::InvalidInput(format!(

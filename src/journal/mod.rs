@@ -84,7 +84,7 @@ pub fn read_blocks<S: Storage>(storage: &S) -> Result<Option<Vec<BlockRead>>> {
             .map(|position| {
                 let mut block = vec![0u8; BLOCK_SIZE];
                 storage
-                    .read_at(position.offset(), &mut block)
+                    .read_medium_at(position.offset(), &mut block)
                     .map(|()| block)
                     .map_err(|e| e.to_string())
             })
@@ -281,24 +281,35 @@ impl<S: Storage> Journal<S> {
     }
 }
 
+/// What [`repair`] did, and recovery's verdict on the journal it left.
+#[derive(Debug, Clone)]
+pub struct Repaired {
+    /// The rewrites carried out, in order.
+    pub done: Vec<Repair>,
+    /// The journal analysed again after the rewrites: the same record, and
+    /// the repairs still pending (none, unless the planner had to leave some
+    /// out). Callers take over the journal with this, never with the
+    /// verdict they repaired from, whose repair list is now stale.
+    pub recovered: Recovered,
+}
+
 /// Rewrites damaged copies from their intact twins (J5). `backup` receives
 /// the whole journal image first and must store it durably; if it fails,
-/// nothing is written. Each rewrite is followed by a sync. Returns the
-/// repairs done.
+/// nothing is written. Each rewrite is followed by a sync and a read-back
+/// from the medium. Then the journal is analysed again; if that does not
+/// return the record repaired from, repairing fails (`Corrupt`).
 pub fn repair<S: Storage>(
     storage: &S,
     recovered: &Recovered,
     backup: impl FnOnce(&[u8]) -> Result<()>,
-) -> Result<Vec<Repair>> {
+) -> Result<Repaired> {
     if recovered.repairs.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Repaired {
+            done: Vec::new(),
+            recovered: recovered.clone(),
+        });
     }
-    let mut image = vec![0u8; JOURNAL_LEN as usize];
-    for position in Position::all() {
-        let range = position.offset() as usize..position.offset() as usize + BLOCK_SIZE;
-        // An unreadable block is backed up as zeros; it is being replaced.
-        let _ = storage.read_at(position.offset(), &mut image[range]);
-    }
+    let image = read_image(storage);
     backup(&image)?;
     for repair in &recovered.repairs {
         let offset = repair.source.offset() as usize;
@@ -310,7 +321,7 @@ pub fn repair<S: Storage>(
         // The plan assumed this copy now exists; if the medium does not give
         // it back, stop before a later step overwrites another copy of it.
         let mut back = vec![0u8; BLOCK_SIZE];
-        let read = storage.read_at(repair.target.offset(), &mut back);
+        let read = storage.read_medium_at(repair.target.offset(), &mut back);
         if read.is_err() || back[..] != format::encode(&rewritten)[..] {
             return Err(Error::Corrupt(format!(
                 "the repaired copy at {} does not read back; stopped repairing",
@@ -318,7 +329,42 @@ pub fn repair<S: Storage>(
             )));
         }
     }
-    Ok(recovered.repairs.clone())
+    let again = analyse(storage)?.outcome.map_err(|refusal| {
+        Error::Corrupt(format!("after repairing, recovery refuses: {refusal}"))
+    })?;
+    if (again.seq, again.content_crc) != (recovered.seq, recovered.content_crc) {
+        return Err(Error::Corrupt(format!(
+            "after repairing, recovery returns seq {} instead of seq {}",
+            again.seq, recovered.seq
+        )));
+    }
+    Ok(Repaired {
+        done: recovered.repairs.clone(),
+        recovered: again,
+    })
+}
+
+/// The whole journal as the medium holds it, unreadable blocks as zeros
+/// (a backup keeps what can be read; those blocks are being replaced).
+fn read_image<S: Storage>(storage: &S) -> Vec<u8> {
+    let mut image = vec![0u8; JOURNAL_LEN as usize];
+    for position in Position::all() {
+        let range = position.offset() as usize..position.offset() as usize + BLOCK_SIZE;
+        let _ = storage.read_medium_at(position.offset(), &mut image[range]);
+    }
+    image
+}
+
+/// Whether `resolve` may act on this verdict: a refusal that only an
+/// operator can settle (`needs-operator`, or `wrong-journal` when this
+/// journal's UUID was still elected, so that a block of another journal is
+/// outvoted damage), with a readable record to take the job's identity from.
+pub fn resolvable(analysis: &Analysis) -> bool {
+    matches!(
+        &analysis.outcome,
+        Err(r) if matches!(r.reason, RefusalReason::NeedsOperator | RefusalReason::WrongJournal)
+    ) && analysis.uuid.is_some()
+        && analysis.newest_readable.is_some()
 }
 
 /// The operator's way out of a refusal: writes a `Resolved` record naming
@@ -326,6 +372,13 @@ pub fn repair<S: Storage>(
 /// other slot into an empty slot, so the next recovery returns it. Job and
 /// image facts come from the newest readable record.
 /// `backup` receives the journal image first.
+///
+/// Every crash point of the writes leaves a journal that recovery either
+/// refuses in a way [`resolvable`] accepts (run resolve again), or resolves
+/// to the resolution (or, when the journal needed no resolution, to the
+/// record it returned before). Before writing, resolve checks its plan
+/// against that promise with the pure recovery code, for each write landing
+/// whole, not at all, or torn; a plan that cannot keep it is not started.
 pub fn resolve<S: Storage>(
     storage: &S,
     analysis: &Analysis,
@@ -338,14 +391,19 @@ pub fn resolve<S: Storage>(
     let identity = analysis.newest_readable.as_ref().ok_or_else(|| {
         Error::Corrupt("no readable record says which images the job used".into())
     })?;
-    // Decoding refuses u64::MAX, so neither of these overflows.
-    let seq = analysis.max_seq_seen.map_or(1, |s| s + 1);
-    let mut image = vec![0u8; JOURNAL_LEN as usize];
-    for position in Position::all() {
-        let range = position.offset() as usize..position.offset() as usize + BLOCK_SIZE;
-        let _ = storage.read_at(position.offset(), &mut image[range]);
-    }
-    backup(&image)?;
+    // Decoding refuses a record numbered u64::MAX: a resolution there would
+    // be written, reported and then never read back.
+    let seq = match analysis.max_seq_seen {
+        None => 1,
+        Some(max) => max
+            .checked_add(1)
+            .filter(|&s| s < u64::MAX)
+            .ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "the journal holds record seq {max}: no resolution can be numbered above it"
+                ))
+            })?,
+    };
     let mut instance = [0u8; 16];
     crate::random_bytes(&mut instance);
     let record = RecordV1 {
@@ -359,51 +417,175 @@ pub fn resolve<S: Storage>(
     record
         .check()
         .map_err(|why| Error::InvalidInput(why.into()))?;
-    let bytes = payload::encode(&record).map_err(Error::InvalidInput)?;
-    let slot = (seq % u64::from(SLOTS)) as u8;
-    // The resolution first, both copies. Then the slot after it, so that a
-    // crash from here on finds an intact successor and returns the
-    // resolution; then the rest. The headers keep their old contents where
-    // one is readable, so a crash between the two never leaves them
-    // disagreeing.
-    let frame = Frame::new(
-        Kind::Record,
-        Position::Slot { slot, copy: 0 },
-        uuid,
-        seq,
-        0,
-        bytes,
-    );
-    for copy in 0..2 {
-        write_block(storage, &frame.at(Position::Slot { slot, copy }))?;
-        sync(storage)?;
-    }
     let header = analysis
         .header
         .clone()
         .unwrap_or_else(|| HeaderV1::new(record.job_id, now_unix_ns()));
-    let header_bytes = payload::encode(&header).map_err(Error::InvalidInput)?;
-    let successor = (slot + 1) % SLOTS;
-    let order = [successor, (slot + 2) % SLOTS, (slot + 3) % SLOTS]
+    let blocks = read_blocks(storage)?
+        .ok_or_else(|| Error::Corrupt("the journal does not have a journal's size".into()))?;
+    let plan = Resolution {
+        uuid,
+        seq,
+        record: &record,
+        header: &header,
+    };
+    // Without a fence first (fewer writes), else behind one.
+    let steps = [false, true]
         .into_iter()
-        .flat_map(|s| {
-            [
-                Position::Slot { slot: s, copy: 0 },
-                Position::Slot { slot: s, copy: 1 },
-            ]
-        })
-        .chain([Position::Header { copy: 0 }, Position::Header { copy: 1 }]);
-    for position in order {
-        let frame = match position {
-            Position::Header { .. } => {
-                Frame::new(Kind::Header, position, uuid, 0, 0, header_bytes.clone())
-            }
-            Position::Slot { .. } => Frame::new(Kind::EmptySlot, position, uuid, 0, 0, Vec::new()),
-        };
-        write_block(storage, &frame)?;
+        .map(|fence| plan.steps(analysis, fence))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .find(|steps| plan.crash_safe(&blocks, steps))
+        .ok_or_else(|| {
+            Error::Corrupt(
+                "no order of resolve's writes keeps every crash point refused or resolved \
+                 with this damage; the journal is left as it is"
+                    .into(),
+            )
+        })?;
+    backup(&read_image(storage))?;
+    for frame in &steps {
+        write_block(storage, frame)?;
         sync(storage)?;
     }
     Ok(seq)
+}
+
+/// What a resolve writes, and the check of its crash points.
+struct Resolution<'a> {
+    uuid: [u8; 16],
+    seq: u64,
+    record: &'a RecordV1,
+    header: &'a HeaderV1,
+}
+
+impl Resolution<'_> {
+    /// The writes, each followed by a sync, in order:
+    ///
+    /// 1. With `fence` (and unless the headers disagree already, which is
+    ///    a fence): header/1 as the kept header, then header/0 as a header
+    ///    that differs from it only in `created_unix_ns`. Two valid headers
+    ///    that differ make recovery refuse (`headers-disagree`) whatever the
+    ///    slots hold, so no torn write of the resolution's slot can lift the
+    ///    refusal and let an older record through.
+    /// 2. The resolution, copy A, then copy B.
+    /// 3. The header that differs from the kept one, rewritten as it: from
+    ///    here on the headers agree.
+    /// 4. Both copies of the slot after the resolution, then the two other
+    ///    slots, as empty slots; then any header not yet the kept one.
+    fn steps(&self, analysis: &Analysis, fence: bool) -> Result<Vec<Frame>> {
+        let header_bytes = payload::encode(self.header).map_err(Error::InvalidInput)?;
+        let kept_crc = format::content_crc(0, &header_bytes);
+        let kept = |position| {
+            Frame::new(
+                Kind::Header,
+                position,
+                self.uuid,
+                0,
+                0,
+                header_bytes.clone(),
+            )
+        };
+        let holds_kept = |position: Position| {
+            analysis.blocks.get(position.block()).is_some_and(|b| {
+                b.class == Class::Valid
+                    && b.kind == Some(Kind::Header)
+                    && b.content_crc == Some(kept_crc)
+            })
+        };
+        let (h0, h1) = (Position::Header { copy: 0 }, Position::Header { copy: 1 });
+        let disagree = analysis
+            .evidence
+            .is_some_and(|e| e.headers == recovery::Headers::Disagree);
+        let mut steps = Vec::new();
+        let mut unfence = None;
+        if disagree {
+            unfence = [h0, h1].into_iter().find(|&p| !holds_kept(p));
+        } else if fence {
+            if !holds_kept(h1) {
+                steps.push(kept(h1));
+            }
+            let other = HeaderV1 {
+                created_unix_ns: self.header.created_unix_ns.wrapping_add(1),
+                ..self.header.clone()
+            };
+            let other_bytes = payload::encode(&other).map_err(Error::InvalidInput)?;
+            steps.push(Frame::new(Kind::Header, h0, self.uuid, 0, 0, other_bytes));
+            unfence = Some(h0);
+        }
+        let bytes = payload::encode(self.record).map_err(Error::InvalidInput)?;
+        let slot = (self.seq % u64::from(SLOTS)) as u8;
+        let resolution = Frame::new(
+            Kind::Record,
+            Position::Slot { slot, copy: 0 },
+            self.uuid,
+            self.seq,
+            0,
+            bytes,
+        );
+        steps.push(resolution.clone());
+        steps.push(resolution.at(Position::Slot { slot, copy: 1 }));
+        if let Some(position) = unfence {
+            steps.push(kept(position));
+        }
+        for s in [1, 2, 3].map(|n| (slot + n) % SLOTS) {
+            for copy in 0..2 {
+                let position = Position::Slot { slot: s, copy };
+                steps.push(Frame::new(
+                    Kind::EmptySlot,
+                    position,
+                    self.uuid,
+                    0,
+                    0,
+                    Vec::new(),
+                ));
+            }
+        }
+        for position in [h0, h1] {
+            let written = steps.iter().any(|f| f.position == position);
+            if !written && !holds_kept(position) {
+                steps.push(kept(position));
+            }
+        }
+        Ok(steps)
+    }
+
+    /// Whether every crash point of `steps`, applied to `blocks`, leaves a
+    /// journal that keeps resolve's promise, and the last leaves the
+    /// resolution. A crash during a write leaves the block as it was,
+    /// written, or torn (invalid: its checksum fails); the writes before it
+    /// are synced.
+    fn crash_safe(&self, blocks: &[BlockRead], steps: &[Frame]) -> bool {
+        let before = recovery::analyse(blocks).outcome.ok();
+        let resolved = |a: &Analysis| {
+            a.outcome
+                .as_ref()
+                .is_ok_and(|r| r.seq == self.seq && r.record == *self.record)
+        };
+        let keeps_promise = |a: &Analysis| {
+            resolved(a)
+                || resolvable(a)
+                || match (&a.outcome, &before) {
+                    (Ok(now), Some(then)) => {
+                        (now.seq, now.content_crc) == (then.seq, then.content_crc)
+                    }
+                    _ => false,
+                }
+        };
+        let mut state = blocks.to_vec();
+        for frame in steps {
+            let block = frame.position.block();
+            let mut torn = state.clone();
+            torn[block] = Ok(vec![0u8; BLOCK_SIZE]);
+            state[block] = Ok(format::encode(frame).to_vec());
+            if !keeps_promise(&recovery::analyse(&torn))
+                || !keeps_promise(&recovery::analyse(&state))
+            {
+                return false;
+            }
+        }
+        resolved(&recovery::analyse(&state))
+    }
 }
 
 /// A journal file opened for recovery: its storage, the lock state, and the

@@ -460,22 +460,7 @@ pub fn analyse(blocks: &[Result<Vec<u8>, String>]) -> Analysis {
     assert_eq!(blocks.len(), BLOCK_COUNT);
     let frames = read_frames(blocks);
 
-    // The journal's identity: a valid header's UUID, else the newest record's.
-    let header_uuids: Vec<[u8; 16]> = frames
-        .iter()
-        .filter_map(|(pos, f, _)| match f {
-            Ok(f) if f.kind == Kind::Header && f.position == *pos => Some(f.uuid),
-            _ => None,
-        })
-        .collect();
-    let uuid = header_uuids.first().copied().or_else(|| {
-        frames
-            .iter()
-            .filter_map(|(pos, f, _)| f.as_ref().ok().filter(|f| f.position == *pos))
-            .filter(|f| f.kind == Kind::Record)
-            .max_by_key(|f| f.seq)
-            .map(|f| f.uuid)
-    });
+    let uuid = elect_uuid(&frames);
 
     let mut seen: Vec<Seen> = frames
         .into_iter()
@@ -530,6 +515,28 @@ pub fn analyse(blocks: &[Result<Vec<u8>, String>]) -> Analysis {
         newest_readable,
         header: header_for_analysis,
     }
+}
+
+/// The journal's identity: the UUID carried by more blocks that decode at
+/// their own position than any other UUID (a tie elects none). One block of
+/// another journal, wherever it lands (a header included), is then outvoted
+/// by ours and classified `foreign`, instead of making ours foreign.
+fn elect_uuid(frames: &[(Position, Result<Frame, String>, bool)]) -> Option<[u8; 16]> {
+    let mut votes: Vec<([u8; 16], usize)> = Vec::new();
+    for (position, frame, _) in frames {
+        let Ok(frame) = frame else { continue };
+        if frame.position != *position {
+            continue;
+        }
+        match votes.iter_mut().find(|(uuid, _)| *uuid == frame.uuid) {
+            Some((_, count)) => *count += 1,
+            None => votes.push((frame.uuid, 1)),
+        }
+    }
+    let most = votes.iter().map(|(_, count)| *count).max()?;
+    let mut winners = votes.iter().filter(|(_, count)| *count == most);
+    let winner = winners.next()?;
+    winners.next().is_none().then_some(winner.0)
 }
 
 fn refusal_detail(row: &Row, seen: &[Seen]) -> String {

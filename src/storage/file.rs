@@ -54,7 +54,14 @@ pub struct ImageIdentity {
 pub enum JournalAccess {
     /// Read-write with an exclusive lock: refuses when another process holds it.
     Exclusive,
-    /// Read-only for inspection: goes on without the lock if it is held.
+    /// Read-only for a verdict without repair: the exclusive lock is taken
+    /// (refused while another process holds it), nothing is written, and a
+    /// read-only file system will do.
+    ReadOnly,
+    /// Read-only for inspection: takes no lock at all, so that inspecting
+    /// never makes a concurrent `recover` or engine find the journal
+    /// locked; whether another process holds the lock is read from
+    /// /proc/locks.
     Inspect,
 }
 
@@ -65,6 +72,25 @@ pub enum LockState {
     Held,
     /// Another process holds it; what we read may change under us.
     HeldElsewhere,
+    /// Nobody held it when we looked, and we did not take it (inspection).
+    Free,
+}
+
+/// Whether /proc/locks lists an flock on the file `meta` describes. Only
+/// inspection asks, and it holds no lock itself, so any such lock is
+/// another process's. Unreadable /proc/locks: not known to be held.
+fn flock_listed(meta: &std::fs::Metadata) -> bool {
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else {
+        return false;
+    };
+    let (major, minor) = (rfs::major(meta.dev()), rfs::minor(meta.dev()));
+    let wanted = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a blocked
+        // waiter's line has "->" after the number.
+        fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&wanted.as_str())
+    })
 }
 
 /// sync_file_range(2), which neither std nor rustix wraps.
@@ -152,13 +178,13 @@ impl FileStorage {
     }
 
     /// Opens a journal without following symlinks, checks it is a regular
-    /// file, takes (or, for inspection, tries) the exclusive lock, and syncs
+    /// file, takes the exclusive lock (inspection takes none), and syncs
     /// the file and its directory so that nothing read afterwards can be a
     /// page-cache leftover of a crashed writer that a power cut would undo.
     pub fn open_journal(path: &Path, access: JournalAccess) -> Result<(Self, LockState)> {
         let flags = match access {
             JournalAccess::Exclusive => OFlags::RDWR,
-            JournalAccess::Inspect => OFlags::RDONLY,
+            JournalAccess::ReadOnly | JournalAccess::Inspect => OFlags::RDONLY,
         } | OFlags::CLOEXEC
             | OFlags::NOFOLLOW
             // A FIFO at the path would block a read-only open forever; with
@@ -184,13 +210,18 @@ impl FileStorage {
                 path.display()
             )));
         }
-        let lock = match rfs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => LockState::Held,
-            Err(rustix::io::Errno::WOULDBLOCK) => match access {
-                JournalAccess::Exclusive => return Err(Error::Locked(path.to_path_buf())),
-                JournalAccess::Inspect => LockState::HeldElsewhere,
-            },
-            Err(e) => return Err(Error::io_at("flock", path, to_io(e))),
+        let lock = match access {
+            JournalAccess::Inspect if flock_listed(&meta) => LockState::HeldElsewhere,
+            JournalAccess::Inspect => LockState::Free,
+            JournalAccess::Exclusive | JournalAccess::ReadOnly => {
+                match rfs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                    Ok(()) => LockState::Held,
+                    Err(rustix::io::Errno::WOULDBLOCK) => {
+                        return Err(Error::Locked(path.to_path_buf()));
+                    }
+                    Err(e) => return Err(Error::io_at("flock", path, to_io(e))),
+                }
+            }
         };
         // fsync works on a read-only descriptor too.
         rfs::fsync(&file).map_err(|e| Error::io_at("fsync", path, to_io(e)))?;
@@ -266,6 +297,45 @@ impl Storage for FileStorage {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+
+    // O_DIRECT when the range is block-aligned and the file system has it:
+    // the read goes to the device whatever the cache holds. Otherwise the
+    // clean cached pages of the range are dropped first
+    // (POSIX_FADV_DONTNEED), so the read refills them from the medium; dirty
+    // pages stay, which is why recovery syncs before it reads.
+    fn read_medium_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        const ALIGN: usize = 4096;
+        if offset.is_multiple_of(ALIGN as u64) && buf.len().is_multiple_of(ALIGN) && !buf.is_empty()
+        {
+            let proc_path = format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&self.file)
+            );
+            if let Ok(fd) = rfs::open(
+                proc_path.as_str(),
+                OFlags::RDONLY | OFlags::DIRECT | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                let direct = File::from(fd);
+                let mut raw = vec![0u8; buf.len() + ALIGN];
+                let skip = raw.as_ptr().align_offset(ALIGN);
+                let aligned = &mut raw[skip..skip + buf.len()];
+                match direct.read_exact_at(aligned, offset) {
+                    Ok(()) => {
+                        buf.copy_from_slice(aligned);
+                        return Ok(());
+                    }
+                    // Some file systems accept O_DIRECT at open and refuse
+                    // the read; fall back to the page cache, emptied first.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let len = std::num::NonZeroU64::new(buf.len() as u64);
+        rfs::fadvise(&self.file, offset, len, rfs::Advice::DontNeed).map_err(to_io)?;
+        self.read_at(offset, buf)
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -518,6 +588,24 @@ mod tests {
         let refused = link_into_place(&temp, &path).expect_err("an existing file");
         assert!(refused.to_string().contains("already exists"), "{refused}");
         assert_eq!(std::fs::read(&path).expect("read"), b"new", "not replaced");
+    }
+
+    #[test]
+    fn a_medium_read_returns_what_was_synced_at_any_alignment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("journal");
+        let file = FileStorage::create_image(&path, 4 * 4096).expect("create");
+        let data: Vec<u8> = (0..4 * 4096u32).map(|i| (i % 253) as u8).collect();
+        file.write_at(0, &data).expect("write");
+        file.sync_data().expect("sync");
+        for (offset, len) in [(0, 4096), (4096, 2 * 4096), (0, 4 * 4096), (100, 5000)] {
+            let mut back = vec![0u8; len];
+            file.read_medium_at(offset as u64, &mut back)
+                .expect("read the medium");
+            assert_eq!(back, data[offset..offset + len], "at {offset}, {len} bytes");
+        }
+        let mut past = vec![0u8; 4096];
+        assert!(file.read_medium_at(4 * 4096, &mut past).is_err());
     }
 
     #[test]

@@ -43,6 +43,16 @@ pub trait Storage: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Reads exactly `buf.len()` bytes at `offset` as the medium holds them,
+    /// past any cached copy. After a failed sync (A5 in journal-format.md)
+    /// the cache may hold clean pages that never reached the medium, and a
+    /// misdirected write sits in the cache at the offset asked for but on
+    /// the medium elsewhere; recovery and the repair read-back must see the
+    /// medium. Writes still pending (no sync since) are the caller's to sync
+    /// first. The default reads through `read_at`.
+    fn read_medium_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_at(offset, buf)
+    }
     /// Writes all of `data` at `offset`.
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// fdatasync: makes every completed write durable.
@@ -103,6 +113,9 @@ impl<S: Storage + ?Sized> Storage for &S {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         (**self).read_at(offset, buf)
+    }
+    fn read_medium_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_medium_at(offset, buf)
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         (**self).write_at(offset, data)

@@ -3,16 +3,19 @@
 //! Model (after SQLite's test6.c and redb's crash backend):
 //!
 //! ```text
-//!   write_at --> live image (what reads see: the page cache)
+//!   write_at --> live image (what read_at sees: the page cache)
 //!            `-> pending list (in order, since the last sync)
 //!   sync_data -> pending applied to the durable image, list cleared
+//!   read_medium_at -> durable + pending writes that will land (the medium
+//!                     as the next sync leaves it; never the cache)
 //!   process crash -> live, durable and pending all survive (the kernel lives on)
 //!   power loss    -> durable + each pending write applied, dropped or torn
 //!                    (per 512-byte sector: old, new or garbage); live := that
 //! ```
 //!
 //! Media faults, armed one at a time: a misdirected write (the data lands at
-//! another offset), a lost write (acknowledged and synced, never reaches the
+//! another offset on the medium; the cache has it where it was asked for), a
+//! lost write (acknowledged and synced, never reaches the
 //! durable image), bit rot in a durable block, EIO on reads of a range, EIO on
 //! a write (optionally after part of it landed), and EIO on a sync, after
 //! which, as on Linux, the pending pages are marked clean whether or not they
@@ -416,7 +419,13 @@ impl State {
             Some(WriteFault::Lost) => self.record_write(offset, data, true),
             Some(WriteFault::Misdirect { to }) => {
                 check_range(self.live.len(), to, data.len())?;
+                // The page cache holds the bytes where they were asked
+                // for; only the medium has them elsewhere. A read through
+                // the cache cannot see a misdirected write, a read of the
+                // medium can.
                 self.record_write(to, data, false);
+                let at = offset as usize;
+                self.live[at..at + data.len()].copy_from_slice(data);
                 return Ok(to);
             }
             Some(WriteFault::Error { kind, landed }) => {
@@ -499,6 +508,30 @@ impl Storage for SimDisk {
             return Err(io::Error::from_raw_os_error(5));
         }
         buf.copy_from_slice(&s.live[start..start + buf.len()]);
+        Ok(())
+    }
+
+    // The medium as the next sync leaves it: the durable image with every
+    // pending write that will land (at where it lands). Not the cache: pages
+    // a failed sync left clean, lost writes and misdirected writes at the
+    // offset asked for are not there. Recovery syncs before it reads, so the
+    // pending writes are the ones that sync makes durable.
+    fn read_medium_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let s = self.begin()?;
+        let start = check_range(s.live.len(), offset, buf.len())?;
+        let end = offset + buf.len() as u64;
+        if s.failing_reads
+            .iter()
+            .any(|r| r.start < end && offset < r.end)
+        {
+            return Err(io::Error::from_raw_os_error(5));
+        }
+        let mut medium = s.durable.clone();
+        for write in s.pending.iter().filter(|w| !w.lost) {
+            let at = write.offset as usize;
+            medium[at..at + write.data.len()].copy_from_slice(&write.data);
+        }
+        buf.copy_from_slice(&medium[start..start + buf.len()]);
         Ok(())
     }
 

@@ -834,6 +834,53 @@ fn recover_block_of_another_journal() {
     assert_eq!(fs::read(&a).expect("read journal a"), data);
 }
 
+/// Another journal's header over header/0: ours still carries the
+/// journal's UUID in the nine other blocks, so it is elected, the one block
+/// is foreign, recovery refuses (wrong-journal) and `resolve` settles it.
+#[test]
+fn resolve_settles_a_header_of_another_journal() {
+    let dir = setup();
+    let a = dir.journal("a.journal", Phase::Completed);
+    let b = dir.journal("b.journal", Phase::Ready);
+    let mut data = fs::read(&a).expect("read journal a");
+    let other = fs::read(&b).expect("read journal b");
+    let range = block_range(Position::Header { copy: 0 });
+    data[range.clone()].copy_from_slice(&other[range]);
+    fs::write(&a, &data).expect("write journal a");
+
+    let run = check(&dir, &["--output", "json", "recover", s(&a)], CORRUPT);
+    assert_eq!(json(&run)["refusal"]["reason"], "wrong-journal");
+    let run = check(&dir, &["--output", "json", "inspect", s(&a)], OK);
+    let v = json(&run);
+    let classes: Vec<&str> = v["blocks"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .map(|b| b["class"].as_str().expect("class"))
+        .collect();
+    assert_eq!(classes[0], "foreign", "{v:#}");
+    assert!(classes[1..].iter().all(|&c| c == "valid"), "{v:#}");
+
+    let run = check(
+        &dir,
+        &[
+            "--output",
+            "json",
+            "resolve",
+            s(&a),
+            "--authority",
+            "source",
+        ],
+        OK,
+    );
+    assert_eq!(json(&run)["seq"], 4);
+    let run = check(&dir, &["--output", "json", "recover", s(&a)], OK);
+    let v = json(&run);
+    assert_eq!(v["phase"], "resolved", "{v:#}");
+    assert_eq!(v["authoritative"], "source");
+    assert_eq!(v["decision"], "intact");
+}
+
 // ---- inspect ----
 
 #[test]
@@ -895,6 +942,23 @@ fn inspect_while_locked_warns() {
         run.stdout
     );
     drop(held);
+}
+
+/// Inspection takes no lock: a `recover` while an inspection has the
+/// journal open goes through (it used to find it locked, exit 6).
+#[test]
+fn recover_while_inspected_is_not_locked_out() {
+    let dir = setup();
+    let j = dir.journal("switch.journal", Phase::Ready);
+    let inspecting = {
+        let _no_fork = exclusive();
+        journal::open_file(&j, livecopy::storage::JournalAccess::Inspect).expect("inspect")
+    };
+    assert_eq!(inspecting.lock, livecopy::storage::LockState::Free);
+    let run = check(&dir, &["recover", s(&j)], OK);
+    assert_stdout_contains(&run, "authoritative: source\n");
+    let _no_fork = exclusive();
+    drop(inspecting);
 }
 
 // ---- stdout for results, stderr for the rest ----

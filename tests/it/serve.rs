@@ -1104,6 +1104,49 @@ fn serve_refuses_an_unfinished_job_without_resume_and_starts_it_over_with_it() {
     assert_eq!(compare.code, 0, "destination vs model: {}", compare.text());
 }
 
+/// A journal with one flipped byte in a copy of its newest record: `serve`
+/// repairs it and serves at the first attempt (it used to exit 9 after the
+/// repair, and serve only at the second).
+#[test]
+fn serve_after_a_repair_serves_at_the_first_attempt() {
+    let layout = Layout::new(MIB);
+    let copied = run(&[
+        "copy",
+        "--journal",
+        path_str(&layout.journal),
+        path_str(&layout.source),
+        path_str(&layout.dest),
+    ]);
+    assert_eq!(copied.code, 0, "{}", copied.stderr);
+    // Completed is seq 3, in slot 3; copy B is block 8.
+    let mut bytes = std::fs::read(&layout.journal).expect("read journal");
+    bytes[8 * 4096 + 150] ^= 0x04;
+    std::fs::write(&layout.journal, &bytes).expect("write journal");
+
+    let mut serve = match Serve::try_start(&layout, "1", &[]) {
+        Ok(serve) => serve,
+        Err(run) => panic!("serve refused at the first attempt:\n{}", run.text()),
+    };
+    assert_eq!(serve.announced["phase"], "completed", "{}", serve.announced);
+    assert_eq!(serve.announced["authoritative"], "destination");
+    serve.kill();
+    let backups = std::fs::read_dir(layout.dir.path())
+        .expect("list")
+        .filter(|e| {
+            e.as_ref()
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .contains(".broken.")
+        })
+        .count();
+    assert_eq!(backups, 1, "one backup before the one repair");
+    let recovered = run(&["--output", "json", "recover", path_str(&layout.journal)]);
+    assert_eq!(recovered.code, 0, "{}", recovered.stderr);
+    let recovered: Value = serde_json::from_str(&recovered.stdout).expect("recover JSON");
+    assert_eq!(recovered["decision"], "intact", "{recovered}");
+}
+
 /// After a kill, `serve` with the very same arguments must start again: the
 /// sockets the dead engine left are stale (nobody answers), as the control
 /// socket already handles.

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
+
 use livecopy::journal::{self, Side, recovery::hex};
 use livecopy::storage::{self, JournalAccess};
 use serde_json::json;
@@ -11,7 +13,14 @@ use crate::exit::Exit;
 use crate::output::{self, emit, warn};
 
 pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
-    let opened = journal::open_file(&args.journal, JournalAccess::Exclusive)?;
+    // --no-repair writes nothing, so it opens read-only: it gives the
+    // verdict on a read-only or full file system too.
+    let access = if args.no_repair {
+        JournalAccess::ReadOnly
+    } else {
+        JournalAccess::Exclusive
+    };
+    let opened = journal::open_file(&args.journal, access)?;
     let analysis = &opened.analysis;
     let recovered = match &analysis.outcome {
         Err(refusal) => {
@@ -35,7 +44,11 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
         journal::repair(&opened.storage, recovered, |image| {
             backup = Some(storage::write_backup_copy(&args.journal, image)?);
             Ok(())
-        })?
+        })
+        // The exit code stays the error's own (8 for I/O): no verdict was
+        // printed. The hint says how to get one without writing.
+        .context("repairing the journal failed; `copyctl recover --no-repair` gives the verdict without writing")?
+        .done
     };
     let mut warnings = recovered.warnings.clone();
     let record = &recovered.record;
@@ -43,17 +56,7 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
         Side::Source => &record.source,
         Side::Destination => &record.destination,
     };
-    match storage::stat_identity(std::path::Path::new(&image.path)) {
-        Ok(None) => warnings.push(format!("the authoritative image {} does not exist", image.path)),
-        Ok(Some(now)) if (now.device, now.inode, now.size) != (image.device, image.inode, image.size) => {
-            warnings.push(format!(
-                "{} changed since the job started: recorded device {} inode {} size {}, now device {} inode {} size {}",
-                image.path, image.device, image.inode, image.size, now.device, now.inode, now.size
-            ))
-        }
-        Ok(Some(_)) => {}
-        Err(e) => warnings.push(format!("cannot check {}: {}", image.path, e.describe())),
-    }
+    warnings.extend(livecopy::restart::image_warning(image));
     for warning in &warnings {
         warn(warning);
     }

@@ -20,7 +20,13 @@ pub fn run(args: &ResolveArgs, out: Output) -> anyhow::Result<Exit> {
                 r.record.phase.name()
             )))
         }
-        Err(refusal) if refusal.reason != RefusalReason::NeedsOperator => {
+        // A block of another journal among a majority of ours is damage an
+        // operator may settle; a file that is mostly another journal's is
+        // not this journal to resolve.
+        Err(refusal)
+            if !(refusal.reason == RefusalReason::NeedsOperator
+                || refusal.reason == RefusalReason::WrongJournal && analysis.uuid.is_some()) =>
+        {
             anyhow::bail!(livecopy::Error::Refused(refusal.clone()))
         }
         Err(_) => {}

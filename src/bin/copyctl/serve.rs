@@ -62,9 +62,12 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
             return Ok(Err(Exit::of_refusal(refusal.reason)));
         }
     };
-    journal::repair(&opened.storage, &recovered, |image| {
+    // Go on with the verdict on the repaired journal: the one repaired from
+    // still lists the repairs just done, and `Journal::resume` refuses those.
+    let recovered = journal::repair(&opened.storage, &recovered, |image| {
         storage::write_backup_copy(&args.journal, image).map(drop)
-    })?;
+    })?
+    .recovered;
     let record = &recovered.record;
     if matches!(record.phase, Phase::Copying | Phase::Ready) {
         if !args.resume {
