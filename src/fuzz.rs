@@ -39,7 +39,9 @@ use crate::journal::format::{
     self, BLOCK_COUNT, BLOCK_SIZE, COPIES, Defect, Frame, JOURNAL_LEN, Kind, MAX_PAYLOAD,
     PAYLOAD_OFFSET, Position, SLOTS,
 };
-use crate::journal::payload::{self, HeaderV1, ImageRecord, Phase, RecordV1, Side};
+use crate::journal::payload::{
+    self, HeaderV1, ImageRecord, ImageRef, Phase, Record, RecordV1, Side,
+};
 use crate::journal::{self, Analysis, Journal, Recovered, RefusalReason};
 use crate::storage::{SECTOR_SIZE, SimDisk};
 
@@ -84,11 +86,20 @@ pub fn decode_block(data: &[u8]) {
                     let _ = header.check();
                 }
             }
-            Kind::Record => {
+            Kind::Record if frame.version == format::FORMAT_V1 => {
                 if let Some(record) = payload_round_trip::<RecordV1>(&frame.payload) {
+                    let _ = record.check();
+                    let record = Record::from(record);
+                    let _ = record.check();
+                    let _ = record.starts_chain(frame.seq);
+                }
+            }
+            Kind::Record => {
+                if let Some(record) = payload_round_trip::<Record>(&frame.payload) {
                     let _ = record.check();
                     let _ = record.starts_chain(frame.seq);
                     let _ = record.phase.implied_authority();
+                    let _ = record.needs_newer_reader();
                 }
             }
             Kind::EmptySlot => {}
@@ -97,6 +108,13 @@ pub fn decode_block(data: &[u8]) {
     // Whatever the frame says, the payload decoders must survive any bytes.
     let _ = payload_round_trip::<HeaderV1>(data);
     let _ = payload_round_trip::<RecordV1>(data);
+    let _ = payload_round_trip::<Record>(data);
+    for version in [format::FORMAT_V1, format::FORMAT_VERSION] {
+        if let Ok(record) = payload::decode_record(version, data) {
+            let again = payload::encode_record(version, &record).expect("a decoded record encodes");
+            assert_eq!(again, data, "a checked record re-encodes to its own bytes");
+        }
+    }
 }
 
 /// The rules `format::encode` asserts (and those its pair assertion implies),
@@ -127,6 +145,10 @@ fn assert_encodable(frame: &Frame) {
                     "decoded record in the wrong slot"
                 );
             }
+        }
+        Position::Seal => {
+            assert_ne!(frame.kind, Kind::Header, "header at the seal");
+            assert_ne!(frame.version, format::FORMAT_V1, "a seal in format 1");
         }
     }
     if frame.kind != Kind::Record {
@@ -197,36 +219,41 @@ fn writer_instance(epoch: u64) -> [u8; 16] {
     id
 }
 
-fn first_record() -> RecordV1 {
-    let image = |path: &str, inode| ImageRecord {
-        path: path.into(),
-        size: 1 << 20,
-        device: 2049,
-        inode,
+fn first_record() -> Record {
+    let image = |path: &str, inode| {
+        ImageRef::File(ImageRecord {
+            path: path.into(),
+            size: 1 << 20,
+            device: 2049,
+            inode,
+        })
     };
-    RecordV1 {
-        job_id: JOB_ID,
-        phase: Phase::Copying,
-        authoritative: Side::Source,
-        source: image("/images/source.raw", 11),
-        destination: image("/images/destination.raw", 12),
-        writer_instance: writer_instance(1),
-        writer_epoch: 1,
-        bytes_copied: 0,
-        wall_clock_unix_ns: FIXED_NS,
-    }
+    Record::single(
+        JOB_ID,
+        Phase::Copying,
+        image("/images/source.raw", 11),
+        image("/images/destination.raw", 12),
+        writer_instance(1),
+        1,
+        0,
+        FIXED_NS,
+    )
 }
 
 /// `record` (of sequence number `seq`) with its clock and random fields
 /// replaced by functions of the sequence number and epoch.
-fn canonical_record(mut record: RecordV1, seq: u64) -> RecordV1 {
+fn canonical_record(mut record: Record, seq: u64) -> Record {
     record.wall_clock_unix_ns = FIXED_NS.wrapping_add(seq);
     record.writer_instance = writer_instance(record.writer_epoch);
     record
 }
 
-fn canonical_crc(seq: u64, record: &RecordV1) -> u32 {
-    let bytes = payload::encode(&canonical_record(record.clone(), seq)).expect("a record fits");
+fn canonical_crc(seq: u64, record: &Record) -> u32 {
+    let bytes = payload::encode_record(
+        format::FORMAT_VERSION,
+        &canonical_record(record.clone(), seq),
+    )
+    .expect("a record fits");
     format::content_crc(seq, &bytes)
 }
 
@@ -238,7 +265,7 @@ fn block_range(block: usize) -> std::ops::Range<usize> {
 struct Base {
     image: Vec<u8>,
     seq: u64,
-    record: RecordV1,
+    record: Record,
     /// The side an operator names if recovery of the damaged image refuses.
     operator_side: Side,
 }
@@ -329,7 +356,7 @@ fn build_base(input: &mut Cursor<'_>) -> Base {
 /// Rewrites every header and record block with fixed clocks and writer
 /// instances; `crcs[s]` is the canonical content checksum of record `s`.
 fn canonicalize(mut image: Vec<u8>, crcs: &[u32]) -> Vec<u8> {
-    for position in Position::all() {
+    for position in Position::all(format::FORMAT_VERSION) {
         let range = block_range(position.block());
         let Ok(frame) = format::decode(&image[range.clone()]) else {
             continue;
@@ -343,10 +370,10 @@ fn canonicalize(mut image: Vec<u8>, crcs: &[u32]) -> Vec<u8> {
                 payload::encode(&header)
             }
             Kind::Record => {
-                let Ok(record) = payload::decode::<RecordV1>(&frame.payload) else {
+                let Ok(record) = payload::decode_record(frame.version, &frame.payload) else {
                     continue;
                 };
-                payload::encode(&canonical_record(record, frame.seq))
+                payload::encode_record(frame.version, &canonical_record(record, frame.seq))
             }
             Kind::EmptySlot => continue,
         }
@@ -358,7 +385,8 @@ fn canonicalize(mut image: Vec<u8>, crcs: &[u32]) -> Vec<u8> {
                 .unwrap_or(frame.parent_content_crc),
             _ => frame.parent_content_crc,
         };
-        let canonical = Frame::new(
+        let canonical = Frame::of_version(
+            frame.version,
             frame.kind,
             frame.position,
             frame.uuid,
@@ -607,7 +635,7 @@ fn check_recovered(analysis: &Analysis, recovered: &Recovered, image: &[u8], unr
                         && frame.uuid == recovered.uuid
                         && frame.seq == recovered.seq
                         && frame.content_crc == recovered.content_crc
-                        && payload::decode::<RecordV1>(&frame.payload).as_ref()
+                        && payload::decode_record(frame.version, &frame.payload).as_ref()
                             == Ok(&recovered.record)
                 })
         });

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::journal::{self, ImageRecord, Phase, Recovered, Side};
+use crate::journal::{self, ImageRef, Phase, Recovered, Side};
 use crate::storage::JournalAccess;
 
 /// Recovery's answer for an embedding program.
@@ -52,15 +52,12 @@ pub fn verdict_without_repair(path: &Path) -> Result<Authority> {
 
 fn authority(recovered: Recovered) -> Authority {
     let record = &recovered.record;
-    let image = match record.authoritative {
-        Side::Source => &record.source,
-        Side::Destination => &record.destination,
-    };
+    let image = record.image(record.authoritative);
     let mut warnings = recovered.warnings.clone();
     warnings.extend(image_warning(image));
     Authority {
         side: record.authoritative,
-        image: PathBuf::from(&image.path),
+        image: PathBuf::from(image.name()),
         phase: record.phase,
         warnings,
         recovered,
@@ -68,8 +65,12 @@ fn authority(recovered: Recovered) -> Authority {
 }
 
 /// Whether the file at the image's path is still the one the job recorded
-/// (device, inode, size); `None` when it is.
-pub fn image_warning(image: &ImageRecord) -> Option<String> {
+/// (device, inode, size); `None` when it is. An export is not checked here
+/// (that needs a connection).
+pub fn image_warning(image: &ImageRef) -> Option<String> {
+    let ImageRef::File(image) = image else {
+        return None;
+    };
     match crate::storage::stat_identity(Path::new(&image.path)) {
         Ok(None) => Some(format!(
             "the authoritative image {} does not exist",

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::{Config, Job};
 use crate::error::{Error, Result};
-use crate::journal::{self, ImageRecord, Phase, RecordV1, Side};
+use crate::journal::{self, ImageRecord, ImageRef, Phase, Record};
 use crate::storage::{FileStorage, ImageIdentity};
 
 /// A job over real files.
@@ -67,17 +67,16 @@ pub fn start(
     let mut writer = [0u8; 16];
     crate::random_bytes(&mut job_id);
     crate::random_bytes(&mut writer);
-    let first = RecordV1 {
+    let first = Record::single(
         job_id,
-        phase: Phase::Copying,
-        authoritative: Side::Source,
-        source: image_record(&source_id)?,
-        destination: image_record(&destination_id)?,
-        writer_instance: writer,
-        writer_epoch: 1,
-        bytes_copied: 0,
-        wall_clock_unix_ns: 0,
-    };
+        Phase::Copying,
+        ImageRef::File(image_record(&source_id)?),
+        ImageRef::File(image_record(&destination_id)?),
+        writer,
+        1,
+        0,
+        0,
+    );
     let journal = journal::create_file(journal_path, first)?;
     Job::new(journal, source, destination, config)
 }
@@ -105,8 +104,8 @@ pub fn resume(journal_path: &Path, config: Config) -> Result<FileJob> {
             record.phase.name()
         )));
     }
-    let source = open_recorded(&record.source)?;
-    let destination = open_recorded(&record.destination)?;
+    let source = open_recorded(record.source())?;
+    let destination = open_recorded(record.destination())?;
     let mut journal = journal::Journal::resume(opened.storage, &recovered)?;
     journal.commit(Phase::Copying, 0)?;
     Job::new(journal, source, destination, config)
@@ -116,7 +115,13 @@ pub fn resume(journal_path: &Path, config: Config) -> Result<FileJob> {
 /// file than the one the job started with, or the file changed size (a
 /// grown image would expose bytes the copy never wrote; a shrunk one lost
 /// some).
-pub fn open_recorded(image: &ImageRecord) -> Result<FileStorage> {
+pub fn open_recorded(image: &ImageRef) -> Result<FileStorage> {
+    let ImageRef::File(image) = image else {
+        return Err(Error::InvalidInput(format!(
+            "{} is an NBD export; this engine takes over jobs over files only",
+            image.name()
+        )));
+    };
     let storage = FileStorage::open_image(Path::new(&image.path), true)?;
     storage.lock_exclusive()?;
     let now = storage.identity()?;

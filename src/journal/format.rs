@@ -1,26 +1,29 @@
-//! Journal format v1: the block frame. Pure code, no I/O.
+//! Journal formats 1 and 2: the block frame. Pure code, no I/O.
 //!
 //! ```text
-//! file (40960 bytes, never resized):
+//! file (never resized): format 1 is 40960 bytes (blocks 0..=9),
+//! format 2 is 45056 bytes (blocks 0..=10):
 //!   block 0      header, copy 0
 //!   blocks 1..=4 ring slots 0..=3, copy 0   (record seq lives in slot seq % 4)
 //!   blocks 5..=8 ring slots 0..=3, copy 1
 //!   block 9      header, copy 1
+//!   block 10     seal (format 2): a third copy of the newest record that
+//!                changed the authoritative side (Switched, Resolved)
 //!
 //! block (4096 bytes, all integers little-endian):
 //!   0   u32  block_crc          CRC-32/ISO-HDLC of bytes 4..4096
 //!   4   [4]  magic              "LCPJ"
-//!   8   u16  format_version     1
+//!   8   u16  format_version     1 or 2, the file's format
 //!   10  u16  kind               1 header, 2 record, 3 empty slot
-//!   12  u8   slot               0..=3, 0xFF for a header
-//!   13  u8   copy               0 or 1
-//!   14  u16  flags              0 (v1 defines none)
+//!   12  u8   slot               0..=3, 0xFF for a header, 0xFE for the seal
+//!   13  u8   copy               0 or 1 (0 for the seal)
+//!   14  u16  flags              0 (no flags are defined)
 //!   16  [16] journal_uuid
 //!   32  u64  seq
 //!   40  u32  content_crc        CRC-32 of seq (8 bytes LE) ++ payload
 //!   44  u32  parent_content_crc content_crc of record seq-1; 0 for a chain start
 //!   48  u32  payload_len        <= 4032
-//!   52  u32  payload_format     1 header v1, 2 record v1, 0 none
+//!   52  u32  payload_format     1 header, 2 record v1, 3 record v2, 0 none
 //!   56  [8]  reserved           zero
 //!   64  ..   payload, then zero padding to 4096
 //! ```
@@ -32,19 +35,51 @@
 pub const BLOCK_SIZE: usize = 4096;
 /// Ring slots per copy.
 pub const SLOTS: u8 = 4;
-/// Copies of every block.
+/// Copies of every ring slot and header.
 pub const COPIES: u8 = 2;
-/// Blocks in the file: two headers and two rings.
-pub const BLOCK_COUNT: usize = 2 + SLOTS as usize * COPIES as usize;
-/// The journal file's exact size.
+/// Blocks in a file of the current format: two headers, two rings, the seal.
+pub const BLOCK_COUNT: usize = 3 + SLOTS as usize * COPIES as usize;
+/// Blocks in a file of format 1: two headers and two rings.
+pub const BLOCK_COUNT_V1: usize = BLOCK_COUNT - 1;
+/// A journal file's exact size in the current format.
 pub const JOURNAL_LEN: u64 = (BLOCK_COUNT * BLOCK_SIZE) as u64;
+/// A journal file's exact size in format 1.
+pub const JOURNAL_LEN_V1: u64 = (BLOCK_COUNT_V1 * BLOCK_SIZE) as u64;
 
 /// The four bytes at offset 4 of every block.
 pub const MAGIC: [u8; 4] = *b"LCPJ";
-/// The only version this code reads or writes.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format new journals are written in.
+pub const FORMAT_VERSION: u16 = 2;
+/// The first format, still read and continued.
+pub const FORMAT_V1: u16 = 1;
 /// `slot` value of a header block.
 pub const HEADER_SLOT: u8 = 0xFF;
+/// `slot` value of the seal block (format 2).
+pub const SEAL_SLOT: u8 = 0xFE;
+
+/// Blocks in a file of format `version`.
+pub fn block_count(version: u16) -> usize {
+    if version == FORMAT_V1 {
+        BLOCK_COUNT_V1
+    } else {
+        BLOCK_COUNT
+    }
+}
+
+/// The file size of a journal of format `version`.
+pub fn journal_len(version: u16) -> u64 {
+    (block_count(version) * BLOCK_SIZE) as u64
+}
+
+/// The format a journal file of `len` bytes is in, if any: the size tells,
+/// since no format ever changes a file's size.
+pub fn version_of_len(len: u64) -> Option<u16> {
+    match len {
+        JOURNAL_LEN_V1 => Some(FORMAT_V1),
+        JOURNAL_LEN => Some(FORMAT_VERSION),
+        _ => None,
+    }
+}
 
 const CRC_OFFSET: usize = 0;
 const MAGIC_OFFSET: usize = CRC_OFFSET + 4;
@@ -67,7 +102,8 @@ pub const MAX_PAYLOAD: usize = BLOCK_SIZE - PAYLOAD_OFFSET;
 
 const _: () = assert!(PAYLOAD_OFFSET == 64);
 const _: () = assert!(MAX_PAYLOAD == 4032);
-const _: () = assert!(JOURNAL_LEN == 40960);
+const _: () = assert!(JOURNAL_LEN_V1 == 40960);
+const _: () = assert!(JOURNAL_LEN == 45056);
 
 /// What a block holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,11 +132,13 @@ impl Kind {
             _ => None,
         }
     }
-    /// The payload format a block of this kind must carry.
-    pub fn payload_format(self) -> u32 {
+    /// The payload format a block of this kind must carry in a file of
+    /// format `version`.
+    pub fn payload_format(self, version: u16) -> u32 {
         match self {
             Kind::Header => 1,
-            Kind::Record => 2,
+            Kind::Record if version == FORMAT_V1 => 2,
+            Kind::Record => 3,
             Kind::EmptySlot => 0,
         }
     }
@@ -122,16 +160,19 @@ pub enum Position {
         /// 0 (ring A) or 1 (ring B).
         copy: u8,
     },
+    /// The seal (block 10, format 2 only).
+    Seal,
 }
 
 impl Position {
-    /// The position of block number `index` (0..10).
+    /// The position of block number `index` (0..11).
     pub fn of_block(index: usize) -> Position {
         assert!(index < BLOCK_COUNT);
         let slots = SLOTS as usize;
         match index {
             0 => Position::Header { copy: 0 },
-            i if i == BLOCK_COUNT - 1 => Position::Header { copy: 1 },
+            9 => Position::Header { copy: 1 },
+            10 => Position::Seal,
             i => Position::Slot {
                 slot: ((i - 1) % slots) as u8,
                 copy: ((i - 1) / slots) as u8,
@@ -144,12 +185,13 @@ impl Position {
         match self {
             Position::Header { copy } => {
                 assert!(copy < COPIES);
-                if copy == 0 { 0 } else { BLOCK_COUNT - 1 }
+                if copy == 0 { 0 } else { 9 }
             }
             Position::Slot { slot, copy } => {
                 assert!(slot < SLOTS && copy < COPIES);
                 1 + copy as usize * SLOTS as usize + slot as usize
             }
+            Position::Seal => 10,
         }
     }
 
@@ -158,7 +200,7 @@ impl Position {
         (self.block() * BLOCK_SIZE) as u64
     }
 
-    /// The same place in the other copy.
+    /// The same place in the other copy (the seal has none: itself).
     pub fn twin(self) -> Position {
         match self {
             Position::Header { copy } => Position::Header { copy: 1 - copy },
@@ -166,19 +208,21 @@ impl Position {
                 slot,
                 copy: 1 - copy,
             },
+            Position::Seal => Position::Seal,
         }
     }
 
-    /// The copy number.
+    /// The copy number (0 for the seal).
     pub fn copy(self) -> u8 {
         match self {
             Position::Header { copy } | Position::Slot { copy, .. } => copy,
+            Position::Seal => 0,
         }
     }
 
-    /// Every position in file order.
-    pub fn all() -> impl Iterator<Item = Position> {
-        (0..BLOCK_COUNT).map(Position::of_block)
+    /// Every position of a file of format `version`, in file order.
+    pub fn all(version: u16) -> impl Iterator<Item = Position> {
+        (0..block_count(version)).map(Position::of_block)
     }
 }
 
@@ -187,6 +231,7 @@ impl std::fmt::Display for Position {
         match self {
             Position::Header { copy } => write!(f, "header/{copy}"),
             Position::Slot { slot, copy } => write!(f, "slot{slot}/{}", ["A", "B"][*copy as usize]),
+            Position::Seal => f.write_str("seal"),
         }
     }
 }
@@ -194,6 +239,8 @@ impl std::fmt::Display for Position {
 /// A decoded block frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// The format version the block is written in (the file's).
+    pub version: u16,
     /// What the block holds.
     pub kind: Kind,
     /// The position the block claims.
@@ -271,6 +318,10 @@ fn get_u64(block: &[u8], at: usize) -> u64 {
 pub fn encode(frame: &Frame) -> [u8; BLOCK_SIZE] {
     assert!(frame.payload.len() <= MAX_PAYLOAD, "payload too large");
     assert_eq!(frame.content_crc, content_crc(frame.seq, &frame.payload));
+    assert!(
+        frame.version == FORMAT_V1 || frame.version == FORMAT_VERSION,
+        "unknown format version"
+    );
     let (slot, copy) = match frame.position {
         Position::Header { copy } => {
             assert_eq!(frame.kind, Kind::Header);
@@ -280,9 +331,14 @@ pub fn encode(frame: &Frame) -> [u8; BLOCK_SIZE] {
             assert_ne!(frame.kind, Kind::Header);
             (slot, copy)
         }
+        Position::Seal => {
+            assert_ne!(frame.kind, Kind::Header);
+            assert_ne!(frame.version, FORMAT_V1, "format 1 has no seal");
+            (SEAL_SLOT, 0)
+        }
     };
     assert!(copy < COPIES);
-    if frame.kind == Kind::Record {
+    if frame.kind == Kind::Record && frame.position != Position::Seal {
         assert_eq!(
             frame.seq % u64::from(SLOTS),
             u64::from(slot),
@@ -291,7 +347,7 @@ pub fn encode(frame: &Frame) -> [u8; BLOCK_SIZE] {
     }
     let mut block = [0u8; BLOCK_SIZE];
     block[MAGIC_OFFSET..MAGIC_OFFSET + 4].copy_from_slice(&MAGIC);
-    put_u16(&mut block, VERSION_OFFSET, FORMAT_VERSION);
+    put_u16(&mut block, VERSION_OFFSET, frame.version);
     put_u16(&mut block, KIND_OFFSET, frame.kind.code());
     block[SLOT_OFFSET] = slot;
     block[COPY_OFFSET] = copy;
@@ -304,7 +360,7 @@ pub fn encode(frame: &Frame) -> [u8; BLOCK_SIZE] {
     put_u32(
         &mut block,
         PAYLOAD_FORMAT_OFFSET,
-        frame.kind.payload_format(),
+        frame.kind.payload_format(frame.version),
     );
     block[PAYLOAD_OFFSET..PAYLOAD_OFFSET + frame.payload.len()].copy_from_slice(&frame.payload);
     let crc = crc32(&block[MAGIC_OFFSET..]);
@@ -330,7 +386,7 @@ pub fn decode(block: &[u8]) -> Result<Frame, Defect> {
         return Err(Defect::Magic);
     }
     let version = get_u16(block, VERSION_OFFSET);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_V1 && version != FORMAT_VERSION {
         return Err(Defect::Version(version));
     }
     let kind = Kind::from_code(get_u16(block, KIND_OFFSET)).ok_or(Defect::Field("kind"))?;
@@ -345,6 +401,7 @@ pub fn decode(block: &[u8]) -> Result<Frame, Defect> {
     let position = match (kind, slot) {
         (Kind::Header, HEADER_SLOT) => Position::Header { copy },
         (Kind::Header, _) => return Err(Defect::Field("slot of a header")),
+        (_, SEAL_SLOT) if version != FORMAT_V1 && copy == 0 => Position::Seal,
         (_, slot) if slot < SLOTS => Position::Slot { slot, copy },
         _ => return Err(Defect::Field("slot")),
     };
@@ -354,7 +411,7 @@ pub fn decode(block: &[u8]) -> Result<Frame, Defect> {
     {
         return Err(Defect::Field("reserved bytes"));
     }
-    if get_u32(block, PAYLOAD_FORMAT_OFFSET) != kind.payload_format() {
+    if get_u32(block, PAYLOAD_FORMAT_OFFSET) != kind.payload_format(version) {
         return Err(Defect::Field("payload format"));
     }
     let payload_len = get_u32(block, PAYLOAD_LEN_OFFSET) as usize;
@@ -375,7 +432,10 @@ pub fn decode(block: &[u8]) -> Result<Frame, Defect> {
         // Reserved: the next record's number must exist.
         return Err(Defect::Field("sequence number u64::MAX"));
     }
-    if kind == Kind::Record && seq % u64::from(SLOTS) != u64::from(slot) {
+    if kind == Kind::Record
+        && position != Position::Seal
+        && seq % u64::from(SLOTS) != u64::from(slot)
+    {
         return Err(Defect::Field("sequence number does not belong in its slot"));
     }
     if kind == Kind::EmptySlot && payload_len != 0 {
@@ -387,6 +447,7 @@ pub fn decode(block: &[u8]) -> Result<Frame, Defect> {
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&block[UUID_OFFSET..UUID_OFFSET + 16]);
     Ok(Frame {
+        version,
         kind,
         position,
         uuid,
@@ -398,8 +459,30 @@ pub fn decode(block: &[u8]) -> Result<Frame, Defect> {
 }
 
 impl Frame {
-    /// A frame for `payload`, with its content checksum filled in.
+    /// A frame of the current format for `payload`, with its content
+    /// checksum filled in.
     pub fn new(
+        kind: Kind,
+        position: Position,
+        uuid: [u8; 16],
+        seq: u64,
+        parent_content_crc: u32,
+        payload: Vec<u8>,
+    ) -> Frame {
+        Frame::of_version(
+            FORMAT_VERSION,
+            kind,
+            position,
+            uuid,
+            seq,
+            parent_content_crc,
+            payload,
+        )
+    }
+
+    /// A frame of format `version`.
+    pub fn of_version(
+        version: u16,
         kind: Kind,
         position: Position,
         uuid: [u8; 16],
@@ -409,6 +492,7 @@ impl Frame {
     ) -> Frame {
         let content_crc = content_crc(seq, &payload);
         Frame {
+            version,
             kind,
             position,
             uuid,

@@ -1,5 +1,5 @@
-//! The switch-state journal: a 40 KiB file that says, durably, which image
-//! holds every acknowledged write.
+//! The switch-state journal: a 44 KiB file (40 KiB in format 1) that says,
+//! durably, which image holds every acknowledged write.
 //!
 //! Invariants (numbered; tests and comments refer to them):
 //!
@@ -14,6 +14,9 @@
 //!   or refuses; never an older one, never one that was not written
 //!   (see `recovery`).
 //! - J5. Repair rewrites only copies whose twin is intact, after a backup.
+//! - J6. Format 2: a record that changes the authoritative side (Switched,
+//!   Resolved) is also written to the seal block, with copy B and before
+//!   the second sync, so that it is acknowledged with three copies.
 //!
 //! ```text
 //!          format (rename)          commit            commit
@@ -33,18 +36,24 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, JournalAccess, LockState, Storage};
-use format::{BLOCK_SIZE, Frame, JOURNAL_LEN, Kind, Position, SLOTS};
-pub use payload::{HeaderV1, ImageRecord, Phase, RecordV1, Side};
+use format::{BLOCK_SIZE, FORMAT_VERSION, Frame, JOURNAL_LEN, Kind, Position, SLOTS};
+pub use payload::{
+    ExportRecord, Extension, HeaderV1, ImagePair, ImageRecord, ImageRef, Phase, Record, RecordV1,
+    Side,
+};
 pub use recovery::{Analysis, BlockReport, Class, Recovered, Refusal, RefusalReason, Repair};
 
 /// An open journal that this process may write.
 #[derive(Debug)]
 pub struct Journal<S: Storage> {
     storage: S,
+    /// The file's format: new journals are format 2; a format 1 journal is
+    /// continued in format 1.
+    version: u16,
     uuid: [u8; 16],
     seq: u64,
     content_crc: u32,
-    record: RecordV1,
+    record: Record,
     writer_instance: [u8; 16],
     writer_epoch: u64,
     poisoned: bool,
@@ -73,14 +82,15 @@ fn sync<S: Storage>(storage: &S) -> Result<()> {
 /// One block as read: its bytes, or the read error's text.
 pub type BlockRead = std::result::Result<Vec<u8>, String>;
 
-/// Reads the ten blocks of a journal, each as bytes or the read error.
+/// Reads every block of a journal (ten in format 1, eleven in format 2),
+/// each as bytes or the read error; `None` when the size is no journal's.
 pub fn read_blocks<S: Storage>(storage: &S) -> Result<Option<Vec<BlockRead>>> {
     let len = storage.len().map_err(|e| Error::io("journal size", e))?;
-    if len != JOURNAL_LEN {
+    let Some(version) = format::version_of_len(len) else {
         return Ok(None);
-    }
+    };
     Ok(Some(
-        Position::all()
+        Position::all(version)
             .map(|position| {
                 let mut block = vec![0u8; BLOCK_SIZE];
                 storage
@@ -120,7 +130,7 @@ impl<S: Storage> Journal<S> {
     /// [`JOURNAL_LEN`] bytes) with `first` as record 0, and syncs it.
     /// For files, use [`create_file`], which adds exclusive creation and the
     /// rename that makes the journal appear only when complete.
-    pub fn format(storage: S, uuid: [u8; 16], first: RecordV1) -> Result<Self> {
+    pub fn format(storage: S, uuid: [u8; 16], first: Record) -> Result<Self> {
         let len = storage.len().map_err(|e| Error::io("journal size", e))?;
         if len != JOURNAL_LEN {
             return Err(Error::InvalidInput(format!(
@@ -137,8 +147,9 @@ impl<S: Storage> Journal<S> {
             .map_err(|why| Error::InvalidInput(why.into()))?;
         let header = HeaderV1::new(first.job_id, now_unix_ns());
         let header_bytes = payload::encode(&header).map_err(Error::InvalidInput)?;
-        let record_bytes = payload::encode(&first).map_err(Error::InvalidInput)?;
-        for position in Position::all() {
+        let record_bytes =
+            payload::encode_record(FORMAT_VERSION, &first).map_err(Error::InvalidInput)?;
+        for position in Position::all(FORMAT_VERSION) {
             let frame = match position {
                 Position::Header { .. } => {
                     Frame::new(Kind::Header, position, uuid, 0, 0, header_bytes.clone())
@@ -146,7 +157,7 @@ impl<S: Storage> Journal<S> {
                 Position::Slot { slot: 0, .. } => {
                     Frame::new(Kind::Record, position, uuid, 0, 0, record_bytes.clone())
                 }
-                Position::Slot { .. } => {
+                Position::Slot { .. } | Position::Seal => {
                     Frame::new(Kind::EmptySlot, position, uuid, 0, 0, Vec::new())
                 }
             };
@@ -156,6 +167,7 @@ impl<S: Storage> Journal<S> {
         let content_crc = format::content_crc(0, &record_bytes);
         Ok(Journal {
             storage,
+            version: FORMAT_VERSION,
             uuid,
             seq: 0,
             content_crc,
@@ -180,6 +192,7 @@ impl<S: Storage> Journal<S> {
         crate::random_bytes(&mut instance);
         Ok(Journal {
             storage,
+            version: recovered.version,
             uuid: recovered.uuid,
             seq: recovered.seq,
             content_crc: recovered.content_crc,
@@ -191,13 +204,18 @@ impl<S: Storage> Journal<S> {
     }
 
     /// The newest durable record.
-    pub fn record(&self) -> &RecordV1 {
+    pub fn record(&self) -> &Record {
         &self.record
     }
 
     /// The newest durable record's sequence number.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// The file's format version.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// The journal's UUID.
@@ -231,7 +249,7 @@ impl<S: Storage> Journal<S> {
                 phase.name()
             )));
         }
-        let record = RecordV1 {
+        let record = Record {
             phase,
             authoritative: phase
                 .implied_authority()
@@ -245,19 +263,20 @@ impl<S: Storage> Journal<S> {
         self.append(record)
     }
 
-    fn append(&mut self, record: RecordV1) -> Result<u64> {
+    fn append(&mut self, record: Record) -> Result<u64> {
         record
             .check()
             .map_err(|why| Error::InvalidInput(why.into()))?;
         let seq = self.seq + 1;
-        let bytes = payload::encode(&record).map_err(Error::InvalidInput)?;
+        let bytes = payload::encode_record(self.version, &record).map_err(Error::InvalidInput)?;
         let parent = if record.starts_chain(seq) {
             0
         } else {
             self.content_crc
         };
         let slot = (seq % u64::from(SLOTS)) as u8;
-        let frame = Frame::new(
+        let frame = Frame::of_version(
+            self.version,
             Kind::Record,
             Position::Slot { slot, copy: 0 },
             self.uuid,
@@ -272,6 +291,12 @@ impl<S: Storage> Journal<S> {
         write_block(&self.storage, &frame)?;
         sync(&self.storage)?;
         write_block(&self.storage, &frame.at(Position::Slot { slot, copy: 1 }))?;
+        // J6: the third copy costs a write, not a sync: it is acknowledged
+        // with copy B. A crash before this sync leaves copy A valid, and
+        // copy A alone already decides (recovery rule 1).
+        if self.version >= FORMAT_VERSION && record.phase.sealed() {
+            write_block(&self.storage, &frame.at(Position::Seal))?;
+        }
         sync(&self.storage)?;
         self.poisoned = false;
         self.seq = seq;
@@ -347,8 +372,10 @@ pub fn repair<S: Storage>(
 /// The whole journal as the medium holds it, unreadable blocks as zeros
 /// (a backup keeps what can be read; those blocks are being replaced).
 fn read_image<S: Storage>(storage: &S) -> Vec<u8> {
-    let mut image = vec![0u8; JOURNAL_LEN as usize];
-    for position in Position::all() {
+    let len = storage.len().unwrap_or(JOURNAL_LEN);
+    let version = format::version_of_len(len).unwrap_or(FORMAT_VERSION);
+    let mut image = vec![0u8; format::journal_len(version) as usize];
+    for position in Position::all(version) {
         let range = position.offset() as usize..position.offset() as usize + BLOCK_SIZE;
         let _ = storage.read_medium_at(position.offset(), &mut image[range]);
     }
@@ -406,7 +433,7 @@ pub fn resolve<S: Storage>(
     };
     let mut instance = [0u8; 16];
     crate::random_bytes(&mut instance);
-    let record = RecordV1 {
+    let record = Record {
         phase: Phase::Resolved,
         authoritative: authority,
         writer_instance: instance,
@@ -424,6 +451,7 @@ pub fn resolve<S: Storage>(
     let blocks = read_blocks(storage)?
         .ok_or_else(|| Error::Corrupt("the journal does not have a journal's size".into()))?;
     let plan = Resolution {
+        version: analysis.version,
         uuid,
         seq,
         record: &record,
@@ -453,9 +481,10 @@ pub fn resolve<S: Storage>(
 
 /// What a resolve writes, and the check of its crash points.
 struct Resolution<'a> {
+    version: u16,
     uuid: [u8; 16],
     seq: u64,
-    record: &'a RecordV1,
+    record: &'a Record,
     header: &'a HeaderV1,
 }
 
@@ -470,14 +499,16 @@ impl Resolution<'_> {
     ///    refusal and let an older record through.
     /// 2. The resolution, copy A, then copy B.
     /// 3. The header that differs from the kept one, rewritten as it: from
-    ///    here on the headers agree.
+    ///    here on the headers agree. Then (format 2) the resolution to the
+    ///    seal: it changes sides, so it gets its third copy.
     /// 4. Both copies of the slot after the resolution, then the two other
     ///    slots, as empty slots; then any header not yet the kept one.
     fn steps(&self, analysis: &Analysis, fence: bool) -> Result<Vec<Frame>> {
         let header_bytes = payload::encode(self.header).map_err(Error::InvalidInput)?;
         let kept_crc = format::content_crc(0, &header_bytes);
         let kept = |position| {
-            Frame::new(
+            Frame::of_version(
+                self.version,
                 Kind::Header,
                 position,
                 self.uuid,
@@ -510,12 +541,22 @@ impl Resolution<'_> {
                 ..self.header.clone()
             };
             let other_bytes = payload::encode(&other).map_err(Error::InvalidInput)?;
-            steps.push(Frame::new(Kind::Header, h0, self.uuid, 0, 0, other_bytes));
+            steps.push(Frame::of_version(
+                self.version,
+                Kind::Header,
+                h0,
+                self.uuid,
+                0,
+                0,
+                other_bytes,
+            ));
             unfence = Some(h0);
         }
-        let bytes = payload::encode(self.record).map_err(Error::InvalidInput)?;
+        let bytes =
+            payload::encode_record(self.version, self.record).map_err(Error::InvalidInput)?;
         let slot = (self.seq % u64::from(SLOTS)) as u8;
-        let resolution = Frame::new(
+        let resolution = Frame::of_version(
+            self.version,
             Kind::Record,
             Position::Slot { slot, copy: 0 },
             self.uuid,
@@ -528,10 +569,14 @@ impl Resolution<'_> {
         if let Some(position) = unfence {
             steps.push(kept(position));
         }
+        if self.version >= FORMAT_VERSION {
+            steps.push(resolution.at(Position::Seal));
+        }
         for s in [1, 2, 3].map(|n| (slot + n) % SLOTS) {
             for copy in 0..2 {
                 let position = Position::Slot { slot: s, copy };
-                steps.push(Frame::new(
+                steps.push(Frame::of_version(
+                    self.version,
                     Kind::EmptySlot,
                     position,
                     self.uuid,
@@ -614,7 +659,7 @@ pub fn open_file(path: &Path, access: JournalAccess) -> Result<OpenedFile> {
 
 /// Creates the journal file at `path` with `first` as record 0. The file
 /// appears complete or not at all; an existing file is never replaced.
-pub fn create_file(path: &Path, first: RecordV1) -> Result<Journal<FileStorage>> {
+pub fn create_file(path: &Path, first: Record) -> Result<Journal<FileStorage>> {
     let mut uuid = [0u8; 16];
     crate::random_bytes(&mut uuid);
     let mut journal = None;
@@ -633,6 +678,7 @@ pub fn create_file(path: &Path, first: RecordV1) -> Result<Journal<FileStorage>>
     let (seq, content_crc, record) = journal.expect("fill ran");
     Ok(Journal {
         storage,
+        version: FORMAT_VERSION,
         uuid,
         seq,
         content_crc,

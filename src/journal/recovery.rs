@@ -22,9 +22,14 @@
 //!    writes: refuse. A parent both of whose copies are unreadable is lost
 //!    history only; the newest record stands on its own checksum.
 //! 5. A block of another journal, or of a newer format, stops everything.
+//! 6. Format 2: the seal block holds a third copy of the newest record that
+//!    changed the authoritative side (Switched, Resolved), written with copy
+//!    B. It counts as one more copy of its record, so two faults on that
+//!    record's blocks still leave one, and recovery never falls back past
+//!    a switch that two faults hid in the ring.
 
-use super::format::{self, BLOCK_COUNT, BLOCK_SIZE, Defect, Frame, Kind, Position, SLOTS};
-use super::payload::{self, HeaderV1, Phase, RecordV1};
+use super::format::{self, Defect, FORMAT_V1, Frame, Kind, Position, SLOTS};
+use super::payload::{self, HeaderV1, Phase, Record};
 
 /// How a block was classified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -383,6 +388,8 @@ pub struct Repair {
 /// The record recovery settled on.
 #[derive(Debug, Clone)]
 pub struct Recovered {
+    /// The file's format version.
+    pub version: u16,
     /// The journal's UUID.
     pub uuid: [u8; 16],
     /// The header, if a copy was valid.
@@ -392,7 +399,7 @@ pub struct Recovered {
     /// Its content checksum (the parent of the next record).
     pub content_crc: u32,
     /// The record.
-    pub record: RecordV1,
+    pub record: Record,
     /// Damaged copies that can be rewritten from intact twins.
     pub repairs: Vec<Repair>,
     /// Things a human should know.
@@ -402,6 +409,8 @@ pub struct Recovered {
 /// Everything recovery found.
 #[derive(Debug, Clone)]
 pub struct Analysis {
+    /// The file's format version (by its size).
+    pub version: u16,
     /// One report per block, in file order.
     pub blocks: Vec<BlockReport>,
     /// The evidence (absent when the file could not be read as blocks).
@@ -416,7 +425,7 @@ pub struct Analysis {
     /// The journal's UUID, as the headers (or, failing them, the records) give it.
     pub uuid: Option<[u8; 16]>,
     /// The newest record that decoded at its own position, whatever the verdict.
-    pub newest_readable: Option<RecordV1>,
+    pub newest_readable: Option<Record>,
     /// A valid header's payload, whatever the verdict.
     pub header: Option<HeaderV1>,
 }
@@ -425,7 +434,7 @@ pub struct Analysis {
 struct Seen {
     report: BlockReport,
     frame: Option<Frame>,
-    record: Option<RecordV1>,
+    record: Option<Record>,
     header: Option<HeaderV1>,
 }
 
@@ -457,8 +466,30 @@ fn defect_text(d: &Defect) -> String {
 /// Analyses the ten blocks of a journal (each the bytes read, or the read
 /// error). Pure: performs no I/O, never panics on any bytes.
 pub fn analyse(blocks: &[Result<Vec<u8>, String>]) -> Analysis {
-    assert_eq!(blocks.len(), BLOCK_COUNT);
-    let frames = read_frames(blocks);
+    let version = match blocks.len() {
+        n if n == format::BLOCK_COUNT_V1 => FORMAT_V1,
+        n => {
+            assert_eq!(n, format::BLOCK_COUNT, "blocks of a journal");
+            format::FORMAT_VERSION
+        }
+    };
+    let mut frames = read_frames(blocks);
+    // Every block of a file is in the file's format: a block of a newer one
+    // comes from a newer writer, one of an older one is damage.
+    for (_, frame, _) in frames.iter_mut() {
+        if let Ok(f) = frame
+            && f.version != version
+        {
+            *frame = Err(if f.version > version {
+                defect_text(&Defect::Version(f.version))
+            } else {
+                format!(
+                    "a block of format {} in a journal of format {version}",
+                    f.version
+                )
+            });
+        }
+    }
 
     let uuid = elect_uuid(&frames);
 
@@ -499,6 +530,7 @@ pub fn analyse(blocks: &[Result<Vec<u8>, String>]) -> Analysis {
             detail: refusal_detail(row, &seen),
         }),
         Return => Ok(recovered(
+            version,
             &seen,
             &evidence,
             uuid.expect("ours implies a uuid"),
@@ -506,6 +538,7 @@ pub fn analyse(blocks: &[Result<Vec<u8>, String>]) -> Analysis {
         )),
     };
     Analysis {
+        version,
         blocks: seen.into_iter().map(|s| s.report).collect(),
         evidence: Some(evidence),
         row: Some(row.label),
@@ -609,18 +642,20 @@ fn classify(
                 Ok(()) => seen.header = Some(h),
             },
         },
-        Kind::Record => match payload::decode::<RecordV1>(&frame.payload) {
-            Err(e) => seen.report.detail = format!("record payload: {e}"),
-            Ok(r) => match r.check() {
-                Err(why) => seen.report.detail = why.into(),
-                Ok(()) if r.starts_chain(frame.seq) && frame.parent_content_crc != 0 => {
-                    seen.report.detail = "a chain start names a parent".into()
+        Kind::Record => match payload::decode_record(frame.version, &frame.payload) {
+            Err((newer, why)) => {
+                if newer {
+                    seen.report.class = Class::Unsupported;
                 }
-                Ok(()) => {
-                    seen.report.phase = Some(r.phase);
-                    seen.record = Some(r);
-                }
-            },
+                seen.report.detail = why;
+            }
+            Ok(r) if r.starts_chain(frame.seq) && frame.parent_content_crc != 0 => {
+                seen.report.detail = "a chain start names a parent".into()
+            }
+            Ok(r) => {
+                seen.report.phase = Some(r.phase);
+                seen.record = Some(r);
+            }
         },
         Kind::EmptySlot => {}
     }
@@ -651,12 +686,12 @@ fn at(seen: &[Seen], position: Position) -> &Seen {
     &seen[position.block()]
 }
 
-fn valid_record(s: &Seen) -> Option<(&Frame, &RecordV1)> {
+fn valid_record(s: &Seen) -> Option<(&Frame, &Record)> {
     any_record(s).filter(|_| s.report.class == Class::Valid)
 }
 
 /// A record block of this journal, at its own position or misdirected.
-fn any_record(s: &Seen) -> Option<(&Frame, &RecordV1)> {
+fn any_record(s: &Seen) -> Option<(&Frame, &Record)> {
     match (&s.frame, &s.record) {
         (Some(f), Some(r)) if matches!(s.report.class, Class::Valid | Class::Misplaced) => {
             Some((f, r))
@@ -667,7 +702,7 @@ fn any_record(s: &Seen) -> Option<(&Frame, &RecordV1)> {
 
 fn gather(seen: &[Seen]) -> Evidence {
     let class_any = |c: Class| seen.iter().any(|s| s.report.class == c);
-    let records: Vec<(&Frame, &RecordV1)> = seen.iter().filter_map(any_record).collect();
+    let records: Vec<(&Frame, &Record)> = seen.iter().filter_map(any_record).collect();
     let newest_seq = records.iter().map(|(f, _)| f.seq).max();
 
     let headers: Vec<&Seen> = seen.iter().filter(|s| s.header.is_some()).collect();
@@ -777,18 +812,12 @@ fn gather(seen: &[Seen]) -> Evidence {
 }
 
 /// Whether `child` legitimately follows `parent`.
-pub fn links(
-    parent_frame: &Frame,
-    parent: &RecordV1,
-    child_frame: &Frame,
-    child: &RecordV1,
-) -> bool {
+pub fn links(parent_frame: &Frame, parent: &Record, child_frame: &Frame, child: &Record) -> bool {
     let restart = child.writer_instance != parent.writer_instance;
     child_frame.seq == parent_frame.seq + 1
         && child_frame.parent_content_crc == parent_frame.content_crc
         && child.job_id == parent.job_id
-        && child.source == parent.source
-        && child.destination == parent.destination
+        && child.pairs == parent.pairs
         && parent.phase.may_precede(child.phase, restart)
         && if restart {
             child.writer_epoch > parent.writer_epoch
@@ -798,6 +827,7 @@ pub fn links(
 }
 
 fn recovered(
+    version: u16,
     seen: &[Seen],
     evidence: &Evidence,
     uuid: [u8; 16],
@@ -833,6 +863,7 @@ fn recovered(
         ));
     }
     Recovered {
+        version,
         uuid,
         header,
         seq: frame.seq,
@@ -907,6 +938,20 @@ fn repairs(seen: &[Seen], newest: u64) -> Vec<Repair> {
             }
         }
     }
+    // The seal keeps a third copy of a newest record that changed sides.
+    let sealed = seen
+        .iter()
+        .filter_map(any_record)
+        .any(|(f, r)| f.seq == newest && r.phase.sealed());
+    if seen.len() > Position::Seal.block() && sealed {
+        let holds = valid_record(at(seen, Position::Seal)).is_some_and(|(f, _)| f.seq == newest);
+        if let (false, Some(&source)) = (holds, copies_of(newest).first()) {
+            wanted.push(Repair {
+                target: Position::Seal,
+                source,
+            });
+        }
+    }
     let firsts = std::iter::once(Position::Header { copy: 0 }).chain(
         (0..SLOTS)
             .filter(|slot| !placed_slots.contains(slot))
@@ -963,14 +1008,16 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Analysis of a file of the wrong size.
 pub fn truncated(len: u64) -> Analysis {
     Analysis {
+        version: format::FORMAT_VERSION,
         blocks: Vec::new(),
         evidence: None,
         row: None,
         outcome: Err(Refusal {
             reason: RefusalReason::Truncated,
             detail: format!(
-                "the file is {len} bytes; a journal is exactly {} bytes",
-                BLOCK_COUNT * BLOCK_SIZE
+                "the file is {len} bytes; a journal is exactly {} bytes (format 2) or {} (format 1)",
+                format::JOURNAL_LEN,
+                format::JOURNAL_LEN_V1
             ),
         }),
         max_seq_seen: None,

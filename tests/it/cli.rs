@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use livecopy::journal::format::{BLOCK_SIZE, JOURNAL_LEN, Position, crc32};
-use livecopy::journal::{self, ImageRecord, Journal, Phase, RecordV1};
+use livecopy::journal::{self, ImagePair, ImageRecord, ImageRef, Journal, Phase, Record};
 use livecopy::storage::FileStorage;
 use rustix::fs::FlockOperation;
 use serde_json::Value;
@@ -108,10 +108,12 @@ impl Dir {
 
     /// Record 0 of a job copying `source.raw` to `destination.raw`, both of
     /// which exist, with their real identities.
-    fn first_record(&self) -> RecordV1 {
-        RecordV1 {
-            source: self.image("source.raw", SOURCE_LEN),
-            destination: self.image("destination.raw", DESTINATION_LEN),
+    fn first_record(&self) -> Record {
+        Record {
+            pairs: vec![ImagePair {
+                source: ImageRef::File(self.image("source.raw", SOURCE_LEN)),
+                destination: ImageRef::File(self.image("destination.raw", DESTINATION_LEN)),
+            }],
             ..first_record_for("/unused/source", "/unused/destination")
         }
     }
@@ -584,7 +586,12 @@ fn recover_repairs_damaged_copy_of_newest_record() {
     assert_stdout_contains(&run, "phase:         switched (seq 2, writer epoch 1)\n");
     assert_stdout_contains(&run, "repaired:      slot2/A from slot2/B\n");
     assert_stdout_contains(&run, "backup:        ");
-    assert_stderr_contains(&run, "only one copy of the newest record (seq 2) is valid");
+    // Copy B and the seal are two intact copies: nothing to warn about.
+    assert!(
+        !run.stderr.contains("only one copy"),
+        "the seal is a second copy: {}",
+        run.stderr
+    );
 
     let backups = dir.backups("switch.journal");
     assert_eq!(backups.len(), 1, "{backups:?}");
@@ -794,14 +801,14 @@ fn recover_newer_format_version() {
     let j = dir.journal("switch.journal", Phase::Ready);
     let mut data = fs::read(&j).expect("read journal");
     let block = &mut data[block_range(Position::Slot { slot: 1, copy: 1 })];
-    block[8..10].copy_from_slice(&2u16.to_le_bytes());
+    block[8..10].copy_from_slice(&3u16.to_le_bytes());
     let crc = crc32(&block[4..BLOCK_SIZE]);
     block[0..4].copy_from_slice(&crc.to_le_bytes());
     fs::write(&j, &data).expect("write journal");
 
     let run = check(&dir, &["recover", s(&j)], UNSUPPORTED);
     assert_stdout_contains(&run, "refused: unsupported-version");
-    assert_stdout_contains(&run, "format version 2");
+    assert_stdout_contains(&run, "format version 3");
     let run = check(&dir, &["--output", "json", "recover", s(&j)], UNSUPPORTED);
     let v = json(&run);
     assert_eq!(v["refusal"]["reason"], "unsupported-version");
@@ -894,9 +901,9 @@ fn inspect_healthy_journal() {
     let blocks: Vec<&str> = lines
         .iter()
         .copied()
-        .filter(|l| l.starts_with("header/") || l.starts_with("slot"))
+        .filter(|l| l.starts_with("header/") || l.starts_with("slot") || l.starts_with("seal"))
         .collect();
-    assert_eq!(blocks.len(), 10, "{}", run.stdout);
+    assert_eq!(blocks.len(), 11, "{}", run.stdout);
     for line in &blocks {
         assert_eq!(line.split_whitespace().nth(2), Some("valid"), "{line}");
     }
@@ -904,7 +911,7 @@ fn inspect_healthy_journal() {
         &run,
         "recovery: source authoritative (seq 1, ready) [intact]\n",
     );
-    assert_eq!(lines.len(), 12, "{}", run.stdout);
+    assert_eq!(lines.len(), 13, "{}", run.stdout);
 }
 
 #[test]
@@ -915,10 +922,13 @@ fn inspect_healthy_journal_json() {
     assert_stderr_empty(&run);
     let v = json(&run);
     let blocks = v["blocks"].as_array().expect("blocks is an array");
-    assert_eq!(blocks.len(), 10);
+    assert_eq!(blocks.len(), 11);
     assert!(blocks.iter().all(|b| b["class"] == "valid"), "{v:#}");
     assert_eq!(blocks[0]["position"], "header/0");
     assert_eq!(blocks[9]["position"], "header/1");
+    assert_eq!(blocks[10]["position"], "seal");
+    assert_eq!(blocks[10]["seq"], 2, "the seal holds the Switched record");
+    assert_eq!(blocks[10]["phase"], "switched");
     assert_eq!(v["locked_elsewhere"], false);
     assert_eq!(v["recovery"]["verdict"], "authoritative");
     assert_eq!(v["recovery"]["authoritative"], "destination");

@@ -4,6 +4,7 @@ mod block_device;
 mod cli;
 mod copy_cli;
 mod crash;
+mod double_fault;
 mod engine;
 mod engine_crash;
 mod export;

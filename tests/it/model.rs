@@ -22,7 +22,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use livecopy::journal::format::{BLOCK_COUNT, BLOCK_SIZE, JOURNAL_LEN, Position, SLOTS};
-use livecopy::journal::{self, Journal, Phase, RecordV1};
+use livecopy::journal::{self, Journal, Phase, Record};
 use livecopy::storage::{SectorFate, SimDisk, Storage, WriteFate};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -83,7 +83,7 @@ fn op() -> impl Strategy<Value = Op> {
 /// The reference model.
 struct Model {
     acked_seq: u64,
-    acked: RecordV1,
+    acked: Record,
     /// (seq, phase, epoch) of a commit that failed or was cut off: recovery
     /// may return it.
     in_flight: Option<(u64, Phase, u64)>,

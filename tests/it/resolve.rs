@@ -20,7 +20,7 @@ fn put(disk: &SimDisk, at: Position, frame: &Frame) {
 }
 
 /// A record frame of this journal.
-fn record_frame(seq: u64, parent: u32, record: &journal::RecordV1) -> Frame {
+fn record_frame(seq: u64, parent: u32, record: &journal::Record) -> Frame {
     let bytes = payload::encode(record).expect("encode");
     Frame::new(
         Kind::Record,
@@ -54,7 +54,7 @@ fn fork_in_the_resolution_slot() -> SimDisk {
         j.commit(Phase::Switched, 0).expect("commit");
     }
     assert_eq!(j.seq(), 4);
-    let forked = journal::RecordV1 {
+    let forked = journal::Record {
         phase: Phase::Ready,
         bytes_copied: 777,
         ..first_record()
@@ -106,7 +106,7 @@ fn foreign_in_the_resolution_slot() -> SimDisk {
 /// record it does not link to.
 fn chain_broken() -> SimDisk {
     let (disk, _j) = sim_journal(Phase::Switched);
-    let other = journal::RecordV1 {
+    let other = journal::Record {
         phase: Phase::Ready,
         bytes_copied: 999,
         ..first_record()

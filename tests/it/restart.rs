@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use livecopy::engine::{Config, files};
 use livecopy::journal::format::{BLOCK_SIZE, JOURNAL_LEN, Position};
-use livecopy::journal::{self, ImageRecord, Phase, RecordV1};
+use livecopy::journal::{self, ImagePair, ImageRecord, ImageRef, Phase, Record};
 use livecopy::storage::JournalAccess;
 
 use crate::support::{exclusive, first_record_for, path_to};
@@ -40,9 +40,11 @@ impl Files {
     /// Images of 64 KiB and a journal whose newest record is `phase`.
     pub fn new(phase: Phase) -> Files {
         let dir = tempfile::tempdir().expect("tempdir");
-        let record = RecordV1 {
-            source: image(&dir.path().join("source.raw"), 64 << 10),
-            destination: image(&dir.path().join("destination.raw"), 64 << 10),
+        let record = Record {
+            pairs: vec![ImagePair {
+                source: ImageRef::File(image(&dir.path().join("source.raw"), 64 << 10)),
+                destination: ImageRef::File(image(&dir.path().join("destination.raw"), 64 << 10)),
+            }],
             ..first_record_for("/unused/source", "/unused/destination")
         };
         let journal = dir.path().join("copy.journal");
@@ -83,14 +85,16 @@ fn range(position: Position) -> std::ops::Range<usize> {
 /// of the newest record over each other position.
 fn damaged_variants(pristine: &[u8], newest: u64) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
-    for position in Position::all() {
+    for position in Position::all(livecopy::journal::format::FORMAT_VERSION) {
         let mut bytes = pristine.to_vec();
         bytes[range(position).start + 200] ^= 0x01;
         out.push((format!("flipped byte in {position}"), bytes));
     }
     let slot = (newest % 4) as u8;
     let newest_a = Position::Slot { slot, copy: 0 };
-    for position in Position::all().filter(|p| *p != newest_a && *p != newest_a.twin()) {
+    for position in Position::all(livecopy::journal::format::FORMAT_VERSION)
+        .filter(|p| *p != newest_a && *p != newest_a.twin())
+    {
         let mut bytes = pristine.to_vec();
         let block = pristine[range(newest_a)].to_vec();
         bytes[range(position)].copy_from_slice(&block);

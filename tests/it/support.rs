@@ -1,6 +1,6 @@
 //! Helpers shared by the tests: records, journals in a given phase.
 
-use livecopy::journal::{ImageRecord, Journal, Phase, RecordV1, Side};
+use livecopy::journal::{ImageRecord, ImageRef, Journal, Phase, Record};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use livecopy::storage::SimDisk;
@@ -11,32 +11,31 @@ pub const JOB_ID: [u8; 16] = *b"test-job-0000001";
 pub const UUID: [u8; 16] = *b"test-journal-id1";
 
 /// Record 0 of a job copying `source` to `destination`.
-pub fn first_record_for(source: &str, destination: &str) -> RecordV1 {
-    RecordV1 {
-        job_id: JOB_ID,
-        phase: Phase::Copying,
-        authoritative: Side::Source,
-        source: ImageRecord {
+pub fn first_record_for(source: &str, destination: &str) -> Record {
+    Record::single(
+        JOB_ID,
+        Phase::Copying,
+        ImageRef::File(ImageRecord {
             path: source.into(),
             size: 1 << 20,
             device: 2049,
             inode: 11,
-        },
-        destination: ImageRecord {
+        }),
+        ImageRef::File(ImageRecord {
             path: destination.into(),
             size: 1 << 20,
             device: 2049,
             inode: 12,
-        },
-        writer_instance: *b"writer-instance1",
-        writer_epoch: 1,
-        bytes_copied: 0,
-        wall_clock_unix_ns: 1_700_000_000_000_000_000,
-    }
+        }),
+        *b"writer-instance1",
+        1,
+        0,
+        1_700_000_000_000_000_000,
+    )
 }
 
 /// Record 0 with fixed example paths.
-pub fn first_record() -> RecordV1 {
+pub fn first_record() -> Record {
     first_record_for("/images/source.raw", "/images/destination.raw")
 }
 

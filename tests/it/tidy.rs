@@ -302,14 +302,14 @@ fn spec_transition_table_is_the_code_rule() {
     // Whether recovery accepts `to` after `from`, from the same writer or
     // from a restarted one (new instance, next epoch).
     let accepts = |from: Phase, to: Phase, restart: bool| {
-        let parent = livecopy::journal::RecordV1 {
+        let parent = livecopy::journal::Record {
             phase: from,
             authoritative: from
                 .implied_authority()
                 .unwrap_or(livecopy::journal::Side::Source),
             ..crate::support::first_record()
         };
-        let mut child = livecopy::journal::RecordV1 {
+        let mut child = livecopy::journal::Record {
             phase: to,
             authoritative: to
                 .implied_authority()
@@ -320,7 +320,7 @@ fn spec_transition_table_is_the_code_rule() {
             child.writer_instance = *b"writer-instance2";
             child.writer_epoch += 1;
         }
-        let frame = |seq: u64, parent_crc: u32, r: &livecopy::journal::RecordV1| {
+        let frame = |seq: u64, parent_crc: u32, r: &livecopy::journal::Record| {
             let bytes = livecopy::journal::payload::encode(r).expect("encodes");
             Frame::new(
                 Kind::Record,

@@ -2,7 +2,7 @@
 
 use std::io::{self, Write};
 
-use livecopy::journal::{BlockReport, ImageRecord, RecordV1, Refusal, Repair, recovery::hex};
+use livecopy::journal::{BlockReport, ImageRef, Record, Refusal, Repair, recovery::hex};
 use serde_json::{Value, json};
 
 use crate::args::Output;
@@ -60,11 +60,18 @@ pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|e| e.is::<StdoutClosed>())
 }
 
-pub fn image_json(image: &ImageRecord) -> Value {
-    json!({ "path": image.path, "size": image.size, "device": image.device, "inode": image.inode })
+pub fn image_json(image: &ImageRef) -> Value {
+    match image {
+        ImageRef::File(f) => {
+            json!({ "path": f.path, "size": f.size, "device": f.device, "inode": f.inode })
+        }
+        ImageRef::Export(e) => {
+            json!({ "uri": e.uri, "export": e.export, "size": e.size, "tls": e.tls })
+        }
+    }
 }
 
-pub fn record_json(seq: u64, record: &RecordV1) -> Value {
+pub fn record_json(seq: u64, record: &Record) -> Value {
     json!({
         "seq": seq,
         "phase": record.phase.name(),
@@ -74,8 +81,16 @@ pub fn record_json(seq: u64, record: &RecordV1) -> Value {
         "writer_epoch": record.writer_epoch,
         "bytes_copied": record.bytes_copied,
         "wall_clock_unix_ns": record.wall_clock_unix_ns,
-        "source": image_json(&record.source),
-        "destination": image_json(&record.destination),
+        "source": image_json(record.source()),
+        "destination": image_json(record.destination()),
+        "pairs": record
+            .pairs
+            .iter()
+            .map(|p| json!({
+                "source": image_json(&p.source),
+                "destination": image_json(&p.destination),
+            }))
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use livecopy::journal::{self, Side, recovery::hex};
+use livecopy::journal::{self, recovery::hex};
 use livecopy::storage::{self, JournalAccess};
 use serde_json::json;
 
@@ -52,10 +52,7 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
     };
     let mut warnings = recovered.warnings.clone();
     let record = &recovered.record;
-    let image = match record.authoritative {
-        Side::Source => &record.source,
-        Side::Destination => &record.destination,
-    };
+    let image = record.image(record.authoritative);
     warnings.extend(livecopy::restart::image_warning(image));
     for warning in &warnings {
         warn(warning);
@@ -79,8 +76,8 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
     let mut human = format!(
         "authoritative: {}\nimage:         {} ({} bytes)\nphase:         {} (seq {}, writer epoch {})\n",
         record.authoritative.name(),
-        image.path,
-        image.size,
+        image.name(),
+        image.size(),
         record.phase.name(),
         recovered.seq,
         record.writer_epoch

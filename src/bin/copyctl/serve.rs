@@ -85,17 +85,14 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
             crate::copy::config(&args.tuning),
         )?)?));
     }
-    let image = match record.authoritative {
-        Side::Source => &record.source,
-        Side::Destination => &record.destination,
-    };
+    let image = record.image(record.authoritative);
     let storage = files::open_recorded(image)?;
     let authoritative = record.authoritative;
     let phase = record.phase.name().to_string();
     // Holding the journal keeps its lock: no second engine while we serve.
     let journal = Journal::resume(opened.storage, &recovered)?;
     Ok(Ok(Plan {
-        device: Arc::new(ImageDevice::new(storage, record.source.size)?),
+        device: Arc::new(ImageDevice::new(storage, record.source().size())?),
         controller: Arc::new(JournalController::new(journal)),
         phase,
         authoritative,
