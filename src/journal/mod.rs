@@ -383,15 +383,26 @@ fn read_image<S: Storage>(storage: &S) -> Vec<u8> {
 }
 
 /// Whether `resolve` may act on this verdict: a refusal that only an
-/// operator can settle (`needs-operator`, or `wrong-journal` when this
-/// journal's UUID was still elected, so that a block of another journal is
-/// outvoted damage), with a readable record to take the job's identity from.
+/// operator can settle, with an elected journal UUID and a readable record
+/// to take the job's identity from. That is `needs-operator`, or
+/// `wrong-journal` caused by exactly one block of another journal (a
+/// misdirected write from another file, outvoted by ours). More foreign
+/// blocks may outvote ours: the file may then be mostly another journal,
+/// whose job must never be written into this one.
 pub fn resolvable(analysis: &Analysis) -> bool {
-    matches!(
-        &analysis.outcome,
-        Err(r) if matches!(r.reason, RefusalReason::NeedsOperator | RefusalReason::WrongJournal)
-    ) && analysis.uuid.is_some()
-        && analysis.newest_readable.is_some()
+    let settles = match &analysis.outcome {
+        Err(r) if r.reason == RefusalReason::NeedsOperator => true,
+        Err(r) if r.reason == RefusalReason::WrongJournal => {
+            analysis
+                .blocks
+                .iter()
+                .filter(|b| b.class == Class::Foreign)
+                .count()
+                == 1
+        }
+        _ => false,
+    };
+    settles && analysis.uuid.is_some() && analysis.newest_readable.is_some()
 }
 
 /// The operator's way out of a refusal: writes a `Resolved` record naming

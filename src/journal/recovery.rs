@@ -1,6 +1,6 @@
 //! Recovery decisions. Pure code: bytes in, verdict out.
 //!
-//! Recovery reads all ten blocks, classifies each, condenses what it saw into
+//! Recovery reads every block (eleven; ten in format 1), classifies each, condenses what it saw into
 //! an [`Evidence`] value, and looks the evidence up in [`TABLE`]. The table is
 //! data; a test enumerates every possible evidence value and checks that one
 //! row decides it and that no row is dead.
@@ -304,7 +304,8 @@ pub static TABLE: &[Row] = &[
         headers: &[Headers::Disagree],
         fork: &[],
         decision: Refuse(NeedsOperator),
-        why: "both header copies are valid and differ",
+        why: "both header copies are valid and differ (an interrupted resolve leaves them so: \
+              run `copyctl resolve` again)",
         ..ANY
     },
     Row {
@@ -463,7 +464,7 @@ fn defect_text(d: &Defect) -> String {
     }
 }
 
-/// Analyses the ten blocks of a journal (each the bytes read, or the read
+/// Analyses the blocks of a journal (each the bytes read, or the read
 /// error). Pure: performs no I/O, never panics on any bytes.
 pub fn analyse(blocks: &[Result<Vec<u8>, String>]) -> Analysis {
     let version = match blocks.len() {

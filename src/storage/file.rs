@@ -306,6 +306,11 @@ impl Storage for FileStorage {
     // pages stay, which is why recovery syncs before it reads.
     fn read_medium_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         const ALIGN: usize = 4096;
+        // Drop the clean cached pages first, whatever the path below: some
+        // file systems (ext4 with data=journal, ZFS before 2.3) accept
+        // O_DIRECT and still answer from the page cache.
+        let len = std::num::NonZeroU64::new(buf.len() as u64);
+        rfs::fadvise(&self.file, offset, len, rfs::Advice::DontNeed).map_err(to_io)?;
         if offset.is_multiple_of(ALIGN as u64) && buf.len().is_multiple_of(ALIGN) && !buf.is_empty()
         {
             let proc_path = format!(
@@ -333,8 +338,6 @@ impl Storage for FileStorage {
                 }
             }
         }
-        let len = std::num::NonZeroU64::new(buf.len() as u64);
-        rfs::fadvise(&self.file, offset, len, rfs::Advice::DontNeed).map_err(to_io)?;
         self.read_at(offset, buf)
     }
 

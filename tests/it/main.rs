@@ -10,6 +10,7 @@ mod engine_crash;
 mod export;
 mod fuzz_corpus;
 mod golden;
+mod golden_v2;
 mod medium;
 mod model;
 mod nbd;

@@ -381,3 +381,38 @@ fn resolve_refuses_to_number_a_resolution_u64_max() {
     assert_eq!(disk.writes_seen(), writes);
     assert_eq!(disk.live_bytes(), before);
 }
+
+/// Blocks of another journal that outvote ours (an interrupted copy of
+/// another journal over this one) are not damage resolve may settle: the
+/// other job's images must never be written into this journal. One block
+/// of another journal among ours still is.
+#[test]
+fn resolve_never_adopts_another_journal_that_outvotes_ours() {
+    let (ours, _j) = crate::support::sim_journal(Phase::Switched);
+    let theirs = SimDisk::new(JOURNAL_LEN);
+    let mut other = crate::support::first_record_for("/vm-b/disk.raw", "/vm-b/copy.raw");
+    other.job_id = *b"other-job-000002";
+    let mut j =
+        journal::Journal::format(theirs.clone(), *b"other-journal-id", other).expect("format");
+    j.commit(Phase::Ready, 0).expect("ready");
+    let theirs = theirs.live_bytes();
+    for foreign in [1usize, 5, 6, 7] {
+        let mut image = ours.live_bytes();
+        image[..foreign * BLOCK_SIZE].copy_from_slice(&theirs[..foreign * BLOCK_SIZE]);
+        let analysis = journal::analyse(&SimDisk::from_bytes(image)).expect("analyse");
+        let reason = analysis.outcome.as_ref().err().map(|r| r.reason);
+        assert_eq!(
+            reason,
+            Some(RefusalReason::WrongJournal),
+            "{foreign} foreign blocks"
+        );
+        assert_eq!(
+            journal::resolvable(&analysis),
+            foreign == 1,
+            "{foreign} foreign blocks (elected {:?})",
+            analysis
+                .uuid
+                .map(|u| String::from_utf8_lossy(&u).into_owned())
+        );
+    }
+}

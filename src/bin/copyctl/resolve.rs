@@ -1,6 +1,6 @@
 //! `copyctl resolve`: the operator's explicit way out of needs-operator.
 
-use livecopy::journal::{self, RefusalReason, Side};
+use livecopy::journal::{self, Side, recovery::hex};
 use livecopy::storage::{self, JournalAccess};
 use serde_json::json;
 
@@ -20,13 +20,10 @@ pub fn run(args: &ResolveArgs, out: Output) -> anyhow::Result<Exit> {
                 r.record.phase.name()
             )))
         }
-        // A block of another journal among a majority of ours is damage an
-        // operator may settle; a file that is mostly another journal's is
-        // not this journal to resolve.
-        Err(refusal)
-            if !(refusal.reason == RefusalReason::NeedsOperator
-                || refusal.reason == RefusalReason::WrongJournal && analysis.uuid.is_some()) =>
-        {
+        // `resolvable` says which refusals an operator may settle: one block
+        // of another journal among ours is damage; more may be a file that
+        // is mostly another journal's, never this journal to resolve.
+        Err(refusal) if !journal::resolvable(analysis) => {
             anyhow::bail!(livecopy::Error::Refused(refusal.clone()))
         }
         Err(_) => {}
@@ -40,15 +37,25 @@ pub fn run(args: &ResolveArgs, out: Output) -> anyhow::Result<Exit> {
         backup = Some(storage::write_backup_copy(&args.journal, image)?);
         Ok(())
     })?;
+    // The operator sees which job and image the resolution names, so that a
+    // journal of another job is noticed before anything boots from it.
+    let identity = analysis
+        .newest_readable
+        .as_ref()
+        .expect("resolve succeeded with a readable record");
+    let image = identity.image(authority).name().to_string();
     let json = json!({
         "journal": args.journal,
         "resolved": authority.name(),
+        "image": image,
+        "job_id": hex(&identity.job_id),
         "seq": seq,
         "backup": backup,
     });
     let human = format!(
-        "resolved: {} is authoritative (seq {seq})\nbackup:   {}\n",
+        "resolved: {} is authoritative (seq {seq})\nimage:    {image}\njob:      {}\nbackup:   {}\n",
         authority.name(),
+        hex(&identity.job_id),
         backup
             .as_ref()
             .map(|p| p.display().to_string())
