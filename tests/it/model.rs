@@ -10,7 +10,10 @@
 //! - never invented: the record returned is one that was submitted, with
 //!   the phase, authority and epoch it was submitted with;
 //! - never backwards: its sequence number is at least the acknowledged one;
-//! - with at most one fault since the last clean recovery, it never refuses.
+//! - with at most one fault since the last clean recovery, it never refuses;
+//! - once a record naming the destination was acknowledged, with at most two
+//!   faults since the last clean recovery, it names the destination (or
+//!   refuses): the seal's guarantee (journal-format.md 2.1).
 //!
 //! Fault budget (stated in journal-format.md, media assumption A4): faults
 //! never destroy both copies of one position. Two lost writes of the two
@@ -22,7 +25,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use livecopy::journal::format::{BLOCK_COUNT, BLOCK_SIZE, JOURNAL_LEN, Position, SLOTS};
-use livecopy::journal::{self, Journal, Phase, Record};
+use livecopy::journal::{self, Journal, Phase, Record, Side};
 use livecopy::storage::{SectorFate, SimDisk, Storage, WriteFate};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -117,6 +120,7 @@ fn next_phase(current: Phase, choice: u8) -> Option<Phase> {
 static CASES: AtomicU64 = AtomicU64::new(0);
 static RECOVERIES: AtomicU64 = AtomicU64::new(0);
 static REFUSALS: AtomicU64 = AtomicU64::new(0);
+static DOUBLE_FAULT_CHECKS: AtomicU64 = AtomicU64::new(0);
 
 fn execute(ops: &[Op]) -> Result<(), TestCaseError> {
     CASES.fetch_add(1, Ordering::Relaxed);
@@ -281,6 +285,21 @@ fn recover(disk: &SimDisk, model: &mut Model) -> Result<Option<Journal<SimDisk>>
             return Ok(None);
         }
     };
+    // Never a switch rolled back (format 2's seal): once a record naming
+    // the destination was acknowledged, two faults at most never bring
+    // back the source.
+    if model.acked.authoritative == Side::Destination && model.faults <= 2 {
+        prop_assert_eq!(
+            recovered.record.authoritative,
+            Side::Destination,
+            "{} fault(s) rolled a switch back to seq {} (acknowledged {}; damaged {:?})",
+            model.faults,
+            recovered.seq,
+            model.acked_seq,
+            model.damaged
+        );
+        DOUBLE_FAULT_CHECKS.fetch_add(u64::from(model.faults == 2), Ordering::Relaxed);
+    }
     // Never invented.
     let max_submitted = model.in_flight.map_or(model.acked_seq, |(s, _, _)| s);
     prop_assert!(
@@ -354,10 +373,12 @@ fn random_faults_never_make_recovery_invent_or_go_backwards() {
     });
     let result = runner.run(&proptest::collection::vec(op(), 1..60), |ops| execute(&ops));
     println!(
-        "journal model: {} cases, {} recoveries, {} refusals (all with two or more faults)",
+        "journal model: {} cases, {} recoveries, {} refusals (all with two or more faults), \
+         {} recoveries after two faults on a switched journal (none went back to the source)",
         CASES.load(Ordering::Relaxed),
         RECOVERIES.load(Ordering::Relaxed),
-        REFUSALS.load(Ordering::Relaxed)
+        REFUSALS.load(Ordering::Relaxed),
+        DOUBLE_FAULT_CHECKS.load(Ordering::Relaxed)
     );
     if let Err(e) = result {
         panic!("{e}");
