@@ -494,10 +494,8 @@ fn targets(r: &mut Report) {
             Some(ours <= 2.2 * bare),
         );
     }
-    if let (Some(ours), Some(bare)) = (
-        f(r, "journal.switched.ours"),
-        f(r, "journal.switched.peer"),
-    ) {
+    if let (Some(ours), Some(bare)) = (f(r, "journal.switched.ours"), f(r, "journal.switched.peer"))
+    {
         r.target(
             "5. the Switched commit (with the seal) within 3.3x of one bare 4 KiB pwrite + fdatasync",
             format!(
