@@ -784,17 +784,18 @@ fn a_request_in_flight_when_the_server_dies_is_sent_again() {
     pause.read_exact(&mut ack).expect("paused");
     assert_eq!(&ack, b"P");
 
+    // (The pause filter holds reads and writes, not flushes: a flush
+    // waiting for a server is tested with qemu-nbd above.)
     let e = pattern(5, 64 << 10);
     let server = std::thread::scope(|scope| {
         let write = scope.spawn(|| storage.write_at(MIB, &e));
-        let flush = scope.spawn(|| storage.sync_data());
-        wait_for("both requests are sent", Duration::from_secs(10), || {
-            storage.in_flight() == 2
+        wait_for("the write is sent", Duration::from_secs(10), || {
+            storage.in_flight() == 1
         });
+        assert!(!write.is_finished(), "the paused server does not answer");
         kill(server);
         let server = nbdkit(&image);
         join("the write", write).expect("the write, re-sent");
-        join("the flush", flush).expect("the flush, re-sent");
         server
     });
     storage.sync_data().expect("flush");
