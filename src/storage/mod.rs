@@ -21,7 +21,7 @@ pub use file::{
     stat_identity, sync_parent, write_backup_copy,
 };
 pub use location::{Endpoint, Location, NbdAddress};
-pub use nbd::{ExportInfo, NbdStorage};
+pub use nbd::{ExportInfo, NbdOptions, NbdStorage};
 pub use sim::{CrashClock, PendingWrite, SECTOR_SIZE, SectorFate, SimDisk, WriteFate};
 
 /// A block of bytes addressed by offset.
@@ -36,6 +36,10 @@ pub use sim::{CrashClock, PendingWrite, SECTOR_SIZE, SectorFate, SimDisk, WriteF
 ///   durable, and must not call it again expecting a different answer.
 /// - `punch_hole` makes the range read as zeros, deallocating it where the
 ///   medium can.
+/// - `only_copy` changes what a lost medium means, never what a returned
+///   call promised: after it, a medium that went away may be waited for
+///   (within a bound the storage was configured with) instead of failing
+///   the call at once, and every contract above still holds.
 // A disk is never "empty" in the collection sense; is_empty would mislead.
 #[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync {
@@ -105,6 +109,13 @@ pub trait Storage: Send + Sync {
         let len = self.len()?;
         Ok((offset < len).then_some(offset..len))
     }
+    /// From now on this image is the only one holding the guest's writes:
+    /// prefer waiting for the medium over failing. Before this call a
+    /// storage that loses its medium fails at once, because the caller
+    /// still has another copy and a medium that came back may have lost
+    /// writes it had acknowledged; after it, failing would fail the guest.
+    /// The default does nothing (a local file does not come back).
+    fn only_copy(&self) {}
 }
 
 impl<S: Storage + ?Sized> Storage for &S {
@@ -143,5 +154,8 @@ impl<S: Storage + ?Sized> Storage for &S {
     }
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
         (**self).next_data(offset)
+    }
+    fn only_copy(&self) {
+        (**self).only_copy()
     }
 }

@@ -18,23 +18,63 @@
 //! Never an acknowledgement the server did not give: a reply that breaks
 //! the protocol (unknown handle, bad magic, a chunk that does not fit its
 //! request, a short read) ends the connection, and every request waiting
-//! on it, and every later one, fails. Nothing is resent here: a request
-//! whose reply never came may or may not have happened, which the caller
-//! treats like any failed write or sync.
+//! on it, and every later one, fails.
+//!
+//! A connection that drops (end of stream, a socket error, an ESHUTDOWN
+//! reply) fails every request waiting on it and every later one, until
+//! [`Storage::only_copy`] is called on a storage opened with a
+//! `reconnect_delay`. Before that call the caller holds another copy of
+//! the data, and a restarted server may have lost writes it acknowledged
+//! but never flushed: reconnecting could leave the copy silently
+//! different from the source, so a drop must abort the job instead.
+//! After it, the export is the guest's disk and waiting beats failing:
+//! - A request whose reply never came is re-sent whole on the new
+//!   connection by its caller, which still holds its payload. A write may
+//!   so reach the server twice, with the same data at the same place.
+//! - Only one thread reconnects a connection; the others wait for it. All
+//!   wait until `down_since + reconnect_delay`, `down_since` being when
+//!   the drop was seen; then they fail with EIO at once, as QEMU's client
+//!   does after its `reconnect-delay`. A request arriving later still makes
+//!   one attempt (at most one a second, bounded by a short timeout) and
+//!   fails with EIO at once if it fails, so the engine above stays
+//!   responsive and a server that comes back late is still picked up.
+//! - The new connection must negotiate the same export: same size, flags,
+//!   block sizes and reply features. A server that answers with another
+//!   one is refused (the export changed) and the attempt counts as failed.
+//! - Writes the lost connection had acknowledged but no FLUSH had covered
+//!   may be gone with a restarted server (the spec promises durability
+//!   only after a FLUSH reply). A FLUSH on the new connection does not
+//!   cover them, so the next `sync_data` fails with EIO, once, instead of
+//!   acknowledging a flush the server never gave for those writes. FUA
+//!   writes are not in doubt: their reply was their durability.
+//! - A protocol violation never reconnects: once a server sent a reply we
+//!   cannot parse or match, we cannot tell which of its earlier replies
+//!   were true, nor which requests are really unanswered, and re-sending
+//!   to the same broken server would fail again. Every connection to the
+//!   export is given up, as QEMU's client does.
+//!
+//! When the server advertises multi-conn, up to `connections` connections
+//! share the requests, each to the least busy one (see `pool.rs`); each
+//! reconnects on its own.
 //!
 //! The server's block-size constraints are obeyed: requests are split at
 //! its maximum payload, and reads and writes not aligned to its minimum
 //! block go through the covering blocks (a write reads them, patches and
 //! writes them back, exclusive of every other write).
 
+mod pool;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use pool::Pool;
 
 use super::Storage;
 use super::location::{Endpoint, NbdAddress};
@@ -72,11 +112,32 @@ impl ExportInfo {
     }
 }
 
+/// How an [`NbdStorage`] behaves beyond the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdOptions {
+    /// How long to wait for a dropped server once [`Storage::only_copy`]
+    /// was called (`--reconnect-delay`); `None` never reconnects.
+    pub reconnect_delay: Option<Duration>,
+    /// The most connections opened when the server advertises multi-conn
+    /// (one is used otherwise).
+    pub connections: usize,
+}
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        NbdOptions {
+            reconnect_delay: None,
+            // nbdcopy opens 4 by default; more buys little on 2-4 cores.
+            connections: 4,
+        }
+    }
+}
+
 /// An NBD export behind the [`Storage`] trait.
 pub struct NbdStorage {
     address: NbdAddress,
     info: ExportInfo,
-    conn: Connection,
+    pool: Pool,
     /// Aligned writes share it; a read-modify-write of partial blocks takes
     /// it alone, so no other write lands in between.
     rmw: RwLock<()>,
@@ -92,47 +153,47 @@ impl std::fmt::Debug for NbdStorage {
 }
 
 impl NbdStorage {
-    /// Connects to the export at `address` and negotiates. `writable`
-    /// refuses a read-only export, and one that cannot flush (its writes
-    /// could never be made durable).
+    /// Connects to the export at `address` and negotiates, with the
+    /// default options: never reconnect, a pool when the server allows.
+    /// `writable` refuses a read-only export, and one that cannot flush
+    /// (its writes could never be made durable).
     pub fn connect(address: &NbdAddress, writable: bool) -> Result<Self> {
-        let what = |e: io::Error| Error::InvalidInput(format!("{address}: {e}"));
+        Self::connect_with(address, writable, NbdOptions::default())
+    }
+
+    /// [`NbdStorage::connect`] with `options`.
+    pub fn connect_with(address: &NbdAddress, writable: bool, options: NbdOptions) -> Result<Self> {
         if address.tls {
             return Err(Error::InvalidInput(format!(
                 "{address}: NBD over TLS is not supported yet; use nbd:// or nbd+unix://"
             )));
         }
-        let stream = dial(&address.endpoint).map_err(|e| Error::Io {
-            op: "connect to the NBD server",
-            path: None,
-            source: io::Error::new(e.kind(), format!("{address}: {e}")),
-        })?;
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(what)?;
-        let mut reader = stream.try_clone().map_err(what)?;
-        let mut writer = stream;
-        let info = handshake(&mut reader, &mut writer, &address.export)
-            .map_err(|e| Error::InvalidInput(format!("{address}: {e}")))?;
-        reader.set_read_timeout(None).map_err(what)?;
-        if writable && info.has(proto::TFLAG_READ_ONLY) {
-            return Err(Error::InvalidInput(format!(
-                "{address}: the export is read-only"
-            )));
-        }
-        if writable && !info.has(proto::TFLAG_SEND_FLUSH) {
-            return Err(Error::InvalidInput(format!(
-                "{address}: the export does not take FLUSH, so no write to it could be \
-                 made durable"
-            )));
-        }
-        let conn = Connection::start(reader, writer, info.structured).map_err(what)?;
+        let seq = Arc::new(AtomicU64::new(0));
+        let first = open(address, writable, HANDSHAKE_TIMEOUT, &seq)?;
+        let info = first.info;
+        let pool = Pool::new(address.clone(), writable, options, first, seq);
         Ok(NbdStorage {
             address: address.clone(),
             info,
-            conn,
+            pool,
             rmw: RwLock::new(()),
         })
+    }
+
+    /// How many connections carry the requests.
+    pub fn connections(&self) -> usize {
+        self.pool.connections()
+    }
+
+    /// How many requests each connection was given so far, reconnects
+    /// included: how the pool spread the load.
+    pub fn requests_per_connection(&self) -> Vec<u64> {
+        self.pool.requests_per_connection()
+    }
+
+    /// Requests sent and not yet answered, over all connections.
+    pub fn in_flight(&self) -> usize {
+        self.pool.in_flight()
     }
 
     /// What the handshake learnt.
@@ -184,7 +245,7 @@ impl NbdStorage {
         let step = self.max_payload() as usize;
         for (n, piece) in buf.chunks_mut(step).enumerate() {
             let at = offset + (n * step) as u64;
-            self.conn
+            self.pool
                 .call(Command::Read, 0, at, piece.len() as u32, None, Some(piece))?;
         }
         Ok(())
@@ -199,7 +260,7 @@ impl NbdStorage {
         };
         for (n, piece) in data.chunks(step).enumerate() {
             let at = offset + (n * step) as u64;
-            self.conn.call(
+            self.pool.call(
                 Command::Write,
                 flags,
                 at,
@@ -246,7 +307,7 @@ impl NbdStorage {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(step);
-            self.conn.call(
+            self.pool.call(
                 Command::WriteZeroes,
                 flags,
                 offset + done,
@@ -301,7 +362,7 @@ impl Storage for NbdStorage {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.conn.call(Command::Flush, 0, 0, 0, None, None)
+        self.pool.flush()
     }
 
     fn set_len(&self, _len: u64) -> io::Result<()> {
@@ -321,15 +382,15 @@ impl Storage for NbdStorage {
 
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
         let size = self.info.size;
-        let Some(context) = self.info.allocation else {
+        if self.info.allocation.is_none() {
             return Ok((offset < size).then_some(offset..size));
-        };
+        }
         let m = self.min();
         let mut at = offset / m * m;
         let mut data_start: Option<u64> = None;
         while at < size {
             let len = (size - at).min(MAX_EFFECT / m * m);
-            let extents = self.conn.block_status(context, at, len as u32)?;
+            let extents = self.pool.block_status(at, len as u32)?;
             for e in extents {
                 let end = (at + u64::from(e.length)).min(size);
                 let zero = e.flags & st::STATE_ZERO != 0;
@@ -346,15 +407,53 @@ impl Storage for NbdStorage {
         }
         Ok(data_start.map(|start| start..size))
     }
+
+    fn only_copy(&self) {
+        self.pool.only_copy();
+    }
 }
 
-fn dial(endpoint: &Endpoint) -> io::Result<Stream> {
+/// Dials `address` and negotiates within `timeout`: one connection ready
+/// for requests, its reader thread running.
+fn open(
+    address: &NbdAddress,
+    writable: bool,
+    timeout: Duration,
+    seq: &Arc<AtomicU64>,
+) -> Result<Connection> {
+    let what = |e: io::Error| Error::InvalidInput(format!("{address}: {e}"));
+    let stream = dial(&address.endpoint, timeout).map_err(|e| Error::Io {
+        op: "connect to the NBD server",
+        path: None,
+        source: io::Error::new(e.kind(), format!("{address}: {e}")),
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(what)?;
+    let mut reader = stream.try_clone().map_err(what)?;
+    let mut writer = stream;
+    let info = handshake(&mut reader, &mut writer, &address.export)
+        .map_err(|e| Error::InvalidInput(format!("{address}: {e}")))?;
+    reader.set_read_timeout(None).map_err(what)?;
+    if writable && info.has(proto::TFLAG_READ_ONLY) {
+        return Err(Error::InvalidInput(format!(
+            "{address}: the export is read-only"
+        )));
+    }
+    if writable && !info.has(proto::TFLAG_SEND_FLUSH) {
+        return Err(Error::InvalidInput(format!(
+            "{address}: the export does not take FLUSH, so no write to it could be \
+             made durable"
+        )));
+    }
+    Connection::start(reader, writer, info, Arc::clone(seq)).map_err(what)
+}
+
+fn dial(endpoint: &Endpoint, timeout: Duration) -> io::Result<Stream> {
     match endpoint {
         Endpoint::Unix { socket } => UnixStream::connect(socket).map(Stream::Unix),
         Endpoint::Tcp { host, port } => {
             let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
             for addr in (host.as_str(), *port).to_socket_addrs()? {
-                match TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT) {
+                match TcpStream::connect_timeout(&addr, timeout) {
                     Ok(s) => {
                         // Requests are small and latency-bound.
                         s.set_nodelay(true)?;
@@ -551,19 +650,57 @@ struct Waiter {
     extents: Vec<Extent>,
     error: Option<io::Error>,
     done: bool,
+    /// A write that a successful reply leaves waiting for a FLUSH.
+    dirties: bool,
+}
+
+impl Waiter {
+    fn new(expect: Expect, dirties: bool) -> Self {
+        let data = match expect {
+            Expect::Read { len, .. } => vec![0u8; len as usize],
+            _ => Vec::new(),
+        };
+        Waiter {
+            expect,
+            data,
+            filled: BTreeMap::new(),
+            extents: Vec::new(),
+            error: None,
+            done: false,
+            dirties,
+        }
+    }
+}
+
+/// Why a connection is gone.
+#[derive(Clone)]
+struct Broken {
+    why: String,
+    /// The server broke the protocol (no reconnect), rather than the
+    /// stream ending or failing.
+    violation: bool,
+    at: Instant,
 }
 
 #[derive(Default)]
 struct State {
     next_handle: u64,
     waiting: HashMap<u64, Waiter>,
-    /// Why the connection is gone; every request fails from then on.
-    broken: Option<String>,
+    /// Set once; every request fails from then on.
+    broken: Option<Broken>,
+    /// The storage-wide sequence number of the last write this connection
+    /// acknowledged without FUA. Assigned by the reader as the reply is
+    /// parsed, so that it is in place before the connection can be
+    /// declared broken and before any caller learns of the reply.
+    last_write: u64,
 }
 
 struct Shared {
     state: Mutex<State>,
     replied: Condvar,
+    /// Shared by every connection of one storage: numbers acknowledged
+    /// writes, so that a FLUSH knows which ones it covers.
+    seq: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -571,15 +708,48 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn break_with(&self, why: String) {
+    fn break_with(&self, why: String, violation: bool) {
         let mut state = self.lock();
-        state.broken.get_or_insert(why);
+        state.broken.get_or_insert(Broken {
+            why,
+            violation,
+            at: Instant::now(),
+        });
         drop(state);
         self.replied.notify_all();
+    }
+
+    /// Marks `handle` answered; a successful write gets its number.
+    fn finish(&self, state: &mut State, handle: u64) {
+        let Some(waiter) = state.waiting.get_mut(&handle) else {
+            return;
+        };
+        waiter.done = true;
+        if waiter.dirties && waiter.error.is_none() {
+            state.last_write = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        }
+    }
+}
+
+/// Why a request got no success.
+enum Failure {
+    /// The server answered with an error: the request is done.
+    Server(io::Error),
+    /// No answer will come on this connection.
+    Lost(Broken),
+}
+
+impl Failure {
+    fn into_io(self) -> io::Error {
+        match self {
+            Failure::Server(e) => e,
+            Failure::Lost(b) => lost(&b.why),
+        }
     }
 }
 
 struct Connection {
+    info: ExportInfo,
     writer: Mutex<Stream>,
     shared: Arc<Shared>,
     reader: Option<JoinHandle<()>>,
@@ -588,24 +758,37 @@ struct Connection {
 }
 
 impl Connection {
-    fn start(reader: Stream, writer: Stream, structured: bool) -> io::Result<Self> {
+    fn start(
+        reader: Stream,
+        writer: Stream,
+        info: ExportInfo,
+        seq: Arc<AtomicU64>,
+    ) -> io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             replied: Condvar::new(),
+            seq,
         });
         let closer = writer.try_clone()?;
         let for_reader = Arc::clone(&shared);
+        let structured = info.structured;
         let reader = std::thread::Builder::new()
             .name("nbd-client-reader".into())
             .spawn(move || {
                 let mut reader = reader;
-                let why = match read_replies(&mut reader, &for_reader, structured) {
-                    Ok(()) => "the server closed the connection".to_string(),
-                    Err(e) => format!("the connection failed: {e}"),
+                let (why, violation) = match read_replies(&mut reader, &for_reader, structured) {
+                    Ok(()) => ("the server closed the connection".to_string(), false),
+                    // Every reply the server sent that we could not accept
+                    // is InvalidData; anything else is the stream's fault.
+                    Err(e) => (
+                        format!("the connection failed: {e}"),
+                        e.kind() == io::ErrorKind::InvalidData,
+                    ),
                 };
-                for_reader.break_with(why);
+                for_reader.break_with(why, violation);
             })?;
         Ok(Connection {
+            info,
             writer: Mutex::new(writer),
             shared,
             reader: Some(reader),
@@ -623,7 +806,7 @@ impl Connection {
         length: u32,
         payload: Option<&[u8]>,
         into: Option<&mut [u8]>,
-    ) -> io::Result<()> {
+    ) -> std::result::Result<(), Failure> {
         let expect = match command {
             Command::Read => Expect::Read {
                 offset,
@@ -631,25 +814,45 @@ impl Connection {
             },
             _ => Expect::Done,
         };
-        let waiter = self.send(command, flags, offset, length, payload, expect)?;
+        let dirties = matches!(
+            command,
+            Command::Write | Command::WriteZeroes | Command::Trim
+        ) && flags & proto::CMD_FLAG_FUA == 0;
+        let waiter = self.send(command, flags, offset, length, payload, expect, dirties)?;
         if let Some(into) = into {
             into.copy_from_slice(&waiter.data);
         }
         Ok(())
     }
 
-    fn block_status(&self, context: u32, offset: u64, length: u32) -> io::Result<Vec<Extent>> {
+    fn block_status(&self, offset: u64, length: u32) -> std::result::Result<Vec<Extent>, Failure> {
+        // The pool only opens connections whose features match the first
+        // one's, so a storage with allocation has it on every connection;
+        // the id itself is per connection.
+        let Some(context) = self.info.allocation else {
+            return Err(Failure::Server(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no base:allocation on this connection",
+            )));
+        };
         let command = Command::Other(st::CMD_BLOCK_STATUS);
-        let waiter = self.send(command, 0, offset, length, None, Expect::Status { context })?;
+        let expect = Expect::Status { context };
+        let waiter = self.send(command, 0, offset, length, None, expect, false)?;
         if waiter.extents.is_empty() {
-            return Err(io::Error::new(
+            return Err(Failure::Server(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "a block status reply without extents for base:allocation",
-            ));
+            )));
         }
         Ok(waiter.extents)
     }
 
+    /// The number of the last write acknowledged here without FUA.
+    fn last_write(&self) -> u64 {
+        self.shared.lock().last_write
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn send(
         &self,
         command: Command,
@@ -658,31 +861,18 @@ impl Connection {
         length: u32,
         payload: Option<&[u8]>,
         expect: Expect,
-    ) -> io::Result<Waiter> {
+        dirties: bool,
+    ) -> std::result::Result<Waiter, Failure> {
         let handle = {
             let mut state = self.shared.lock();
-            if let Some(why) = &state.broken {
-                return Err(lost(why));
+            if let Some(broken) = &state.broken {
+                return Err(Failure::Lost(broken.clone()));
             }
             let handle = state.next_handle;
             state.next_handle += 1;
-            let data = match expect {
-                Expect::Read { len, .. } => vec![0u8; len as usize],
-                _ => Vec::new(),
-            };
             // Registered before the request is sent, so that its reply
             // always finds it.
-            state.waiting.insert(
-                handle,
-                Waiter {
-                    expect,
-                    data,
-                    filled: BTreeMap::new(),
-                    extents: Vec::new(),
-                    error: None,
-                    done: false,
-                },
-            );
+            state.waiting.insert(handle, Waiter::new(expect, dirties));
             handle
         };
         let header = proto::encode_request(&Request {
@@ -701,7 +891,7 @@ impl Connection {
         if let Err(e) = sent {
             // Half a request may be on the wire: the stream is useless.
             self.shared
-                .break_with(format!("sending a request failed: {e}"));
+                .break_with(format!("sending a request failed: {e}"), false);
             let _ = self.closer.shutdown();
         }
         let mut state = self.shared.lock();
@@ -709,14 +899,14 @@ impl Connection {
             if state.waiting.get(&handle).is_some_and(|w| w.done) {
                 let waiter = state.waiting.remove(&handle).expect("present");
                 return match waiter.error {
-                    Some(e) => Err(e),
+                    Some(e) => Err(Failure::Server(e)),
                     None => Ok(waiter),
                 };
             }
-            if let Some(why) = &state.broken {
-                let why = lost(why);
+            if let Some(broken) = &state.broken {
+                let broken = broken.clone();
                 state.waiting.remove(&handle);
-                return Err(why);
+                return Err(Failure::Lost(broken));
             }
             state = self
                 .shared
@@ -857,7 +1047,7 @@ fn simple_reply(
     } else if let Some(data) = data {
         waiter.data = data;
     }
-    waiter.done = true;
+    shared.finish(&mut state, handle);
     Ok(())
 }
 
@@ -918,7 +1108,7 @@ fn chunk(shared: &Shared, header: &ChunkHeader, payload: &[u8]) -> io::Result<()
                 )));
             }
         }
-        waiter.done = true;
+        shared.finish(&mut state, header.handle);
     }
     Ok(())
 }
@@ -971,6 +1161,7 @@ pub(crate) fn fuzz_replies(bytes: &[u8]) {
     let shared = Shared {
         state: Mutex::new(State::default()),
         replied: Condvar::new(),
+        seq: Arc::new(AtomicU64::new(0)),
     };
     let expects = [
         Expect::Read {
@@ -981,21 +1172,11 @@ pub(crate) fn fuzz_replies(bytes: &[u8]) {
         Expect::Status { context: 1 },
     ];
     for (handle, expect) in expects.into_iter().enumerate() {
-        let data = match expect {
-            Expect::Read { len, .. } => vec![0u8; len as usize],
-            _ => Vec::new(),
-        };
-        shared.lock().waiting.insert(
-            handle as u64,
-            Waiter {
-                expect,
-                data,
-                filled: BTreeMap::new(),
-                extents: Vec::new(),
-                error: None,
-                done: false,
-            },
-        );
+        let dirties = matches!(expect, Expect::Done);
+        shared
+            .lock()
+            .waiting
+            .insert(handle as u64, Waiter::new(expect, dirties));
     }
     let _ = read_replies(&mut &stream[..], &shared, mode & 1 == 1);
     for (handle, waiter) in &shared.lock().waiting {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use livecopy::nbd::proto::{self, Command as Cmd};
 use livecopy::nbd::structured as st;
-use livecopy::storage::{Endpoint, NbdAddress, NbdStorage, Storage};
+use livecopy::storage::{Endpoint, NbdAddress, NbdOptions, NbdStorage, Storage};
 
 use crate::support::spawning;
 
@@ -606,4 +606,419 @@ fn a_fake_server_breaking_the_protocol_gets_errors_never_success() {
             );
         }
     }
+}
+
+// ------------------------------------------------- reconnect after the switch
+
+const SMALL: u64 = 8 * MIB;
+/// Long enough for a server restart on a loaded machine; the tests that
+/// restart finish as soon as the server is back, not after it.
+const BUDGET: Duration = Duration::from_secs(20);
+
+fn with_reconnect(delay: Option<Duration>, connections: usize) -> NbdOptions {
+    NbdOptions {
+        reconnect_delay: delay,
+        connections,
+    }
+}
+
+fn image_file(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let image = dir.join(name);
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(size))
+        .expect("image");
+    image
+}
+
+/// qemu-nbd serving `image` as "disk0"; `--persistent` so that it outlives
+/// our connections.
+fn qemu_nbd(image: &Path, socket: &Path) -> Server {
+    let _ = std::fs::remove_file(socket);
+    Server::start(
+        "qemu-nbd",
+        &[
+            s("--socket"),
+            s(socket.to_str().unwrap()),
+            s("--format=raw"),
+            s("--persistent"),
+            s("--export-name=disk0"),
+            s(image.to_str().unwrap()),
+        ],
+        socket,
+    )
+}
+
+/// Polls `done` until it holds or `limit` passes.
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Joins a request thread, failing the test instead of hanging.
+fn join<T>(what: &str, handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    wait_for(what, Duration::from_secs(60), || handle.is_finished());
+    handle.join().expect("the request thread panicked")
+}
+
+fn holds(image: &Path, offset: u64, data: &[u8]) -> bool {
+    let bytes = std::fs::read(image).expect("read the image");
+    &bytes[offset as usize..offset as usize + data.len()] == data
+}
+
+/// SIGKILL, and the socket file gone: what a crashed server leaves.
+fn kill(server: Server) {
+    drop(server);
+}
+
+#[test]
+fn after_only_copy_requests_wait_for_a_restarted_server_and_succeed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image_file(dir.path(), "disk.raw", SMALL);
+    let socket = dir.path().join("nbd.sock");
+    let address = unix_address(&socket, "disk0");
+    let server = qemu_nbd(&image, &socket);
+    let storage =
+        NbdStorage::connect_with(&address, true, with_reconnect(Some(BUDGET), 4)).expect("connect");
+    let a = pattern(1, 64 << 10);
+    storage.write_at(0, &a).expect("write A");
+    storage.sync_data().expect("flush A");
+    storage.only_copy();
+
+    // A write arriving while the server is down waits for it.
+    kill(server);
+    let b = pattern(2, 64 << 10);
+    let server = std::thread::scope(|scope| {
+        let write = scope.spawn(|| storage.write_at(MIB, &b));
+        wait_for("the write is waiting", Duration::from_secs(10), || {
+            storage.in_flight() == 1
+        });
+        assert!(!write.is_finished(), "the write waits for the server");
+        let server = qemu_nbd(&image, &socket);
+        join("the write", write).expect("the write, after the restart");
+        server
+    });
+    storage.sync_data().expect("flush B");
+
+    // So does a flush; with nothing unflushed on the lost connection (C
+    // went with FUA) it vouches for every write before it.
+    let c = pattern(3, 4096);
+    storage.write_durable_at(2 * MIB, &c).expect("FUA write C");
+    kill(server);
+    let server = std::thread::scope(|scope| {
+        let flush = scope.spawn(|| storage.sync_data());
+        wait_for("the flush is waiting", Duration::from_secs(10), || {
+            storage.in_flight() == 1
+        });
+        assert!(!flush.is_finished(), "the flush waits for the server");
+        let server = qemu_nbd(&image, &socket);
+        join("the flush", flush).expect("the flush, after the restart");
+        server
+    });
+
+    // A write acknowledged by the lost connection and never flushed may be
+    // gone with its server: the next flush says so once, then flushes
+    // vouch again for what follows.
+    let d = pattern(4, 4096);
+    storage.write_at(3 * MIB, &d).expect("write D");
+    kill(server);
+    let server = qemu_nbd(&image, &socket);
+    let doubt = storage.sync_data().expect_err("a flush cannot vouch for D");
+    assert!(
+        doubt.to_string().contains("os error 5") && doubt.to_string().contains("lost"),
+        "{doubt}"
+    );
+    storage.write_at(3 * MIB, &d).expect("write D again");
+    storage.sync_data().expect("the next flush vouches again");
+
+    drop(storage);
+    server.stop();
+    for (offset, data, name) in [
+        (0, &a, "A"),
+        (MIB, &b, "B"),
+        (2 * MIB, &c, "C"),
+        (3 * MIB, &d, "D"),
+    ] {
+        assert!(holds(&image, offset, data), "{name} is in the file");
+    }
+}
+
+#[test]
+fn a_request_in_flight_when_the_server_dies_is_sent_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image_file(dir.path(), "disk.raw", SMALL);
+    let socket = dir.path().join("nbdkit.sock");
+    let control = dir.path().join("pause.sock");
+    let nbdkit = |image: &Path| {
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&control);
+        Server::start(
+            "nbdkit",
+            &[
+                s("--foreground"),
+                s("--exit-with-parent"),
+                s("--unix"),
+                s(socket.to_str().unwrap()),
+                s("--filter=pause"),
+                s("file"),
+                s(image.to_str().unwrap()),
+                format!("pause-control={}", control.display()),
+            ],
+            &socket,
+        )
+    };
+    let server = nbdkit(&image);
+    let storage = NbdStorage::connect_with(
+        &unix_address(&socket, ""),
+        true,
+        with_reconnect(Some(BUDGET), 1),
+    )
+    .expect("connect");
+    storage.only_copy();
+    // From here on nbdkit takes requests and never answers them.
+    let mut pause = UnixStream::connect(&control).expect("pause control");
+    pause.write_all(b"p").expect("pause");
+    let mut ack = [0u8; 1];
+    pause.read_exact(&mut ack).expect("paused");
+    assert_eq!(&ack, b"P");
+
+    // (The pause filter holds reads and writes, not flushes: a flush
+    // waiting for a server is tested with qemu-nbd above.)
+    let e = pattern(5, 64 << 10);
+    let server = std::thread::scope(|scope| {
+        let write = scope.spawn(|| storage.write_at(MIB, &e));
+        wait_for("the write is sent", Duration::from_secs(10), || {
+            storage.in_flight() == 1
+        });
+        assert!(!write.is_finished(), "the paused server does not answer");
+        kill(server);
+        let server = nbdkit(&image);
+        join("the write", write).expect("the write, re-sent");
+        server
+    });
+    storage.sync_data().expect("flush");
+    drop(storage);
+    server.stop();
+    assert!(holds(&image, MIB, &e), "the re-sent write is in the file");
+}
+
+#[test]
+fn before_only_copy_or_without_a_budget_a_dropped_server_fails_requests_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image_file(dir.path(), "disk.raw", SMALL);
+    let socket = dir.path().join("nbd.sock");
+    let address = unix_address(&socket, "disk0");
+    for (delay, only_copy) in [(Some(BUDGET), false), (None, true)] {
+        let what = format!("reconnect delay {delay:?}, only_copy {only_copy}");
+        let server = qemu_nbd(&image, &socket);
+        let storage =
+            NbdStorage::connect_with(&address, true, with_reconnect(delay, 1)).expect("connect");
+        storage.write_at(0, &[1; 4096]).expect("write");
+        if only_copy {
+            storage.only_copy();
+        }
+        kill(server);
+        let _back = qemu_nbd(&image, &socket);
+        for attempt in ["first", "later"] {
+            let started = Instant::now();
+            let error = storage
+                .write_at(4096, &[2; 4096])
+                .expect_err("the connection is gone");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{what}: the {attempt} request failed at once, not after {:?}",
+                started.elapsed()
+            );
+            assert!(error.to_string().contains("lost"), "{what}: {error}");
+        }
+    }
+}
+
+#[test]
+fn when_the_budget_runs_out_requests_fail_with_eio_and_later_ones_fail_fast() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image_file(dir.path(), "disk.raw", SMALL);
+    let socket = dir.path().join("nbd.sock");
+    let budget = Duration::from_millis(1500);
+    let server = qemu_nbd(&image, &socket);
+    let storage = NbdStorage::connect_with(
+        &unix_address(&socket, "disk0"),
+        true,
+        with_reconnect(Some(budget), 1),
+    )
+    .expect("connect");
+    storage.write_at(0, &[1; 4096]).expect("write");
+    storage.sync_data().expect("flush");
+    storage.only_copy();
+    kill(server);
+    // Each waiting request fails after about the budget, not before: one
+    // of them reconnects, the others wait for it.
+    let outcomes: Vec<(std::io::Error, Duration)> = std::thread::scope(|scope| {
+        let storage = &storage;
+        let waiting: Vec<_> = (0..3u64)
+            .map(|n| {
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    let error = storage
+                        .write_at(n * 4096, &[3; 4096])
+                        .expect_err("no server");
+                    (error, started.elapsed())
+                })
+            })
+            .collect();
+        waiting
+            .into_iter()
+            .map(|w| join("a waiting write", w))
+            .collect()
+    });
+    for (error, waited) in outcomes {
+        assert!(
+            waited >= budget - Duration::from_millis(300)
+                && waited < budget + Duration::from_secs(3),
+            "a waiting request failed after {waited:?}, the budget being {budget:?}"
+        );
+        let text = error.to_string();
+        assert!(
+            text.contains("os error 5") && text.contains("reconnect delay"),
+            "{text}"
+        );
+    }
+    for _ in 0..3 {
+        let started = Instant::now();
+        let error = storage.read_at(0, &mut [0; 4096]).expect_err("no server");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "a request after the budget failed at once, not after {:?}",
+            started.elapsed()
+        );
+        assert!(error.to_string().contains("os error 5"), "{error}");
+    }
+    // A server back late is still picked up by a later request.
+    let _server = qemu_nbd(&image, &socket);
+    wait_for("a request reconnects", Duration::from_secs(10), || {
+        storage.write_at(8192, &[4; 4096]).is_ok()
+    });
+    storage.sync_data().expect("flush after the late reconnect");
+}
+
+#[test]
+fn a_server_back_with_another_export_size_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image_file(dir.path(), "disk.raw", SMALL);
+    let other = image_file(dir.path(), "other.raw", 2 * SMALL);
+    let socket = dir.path().join("nbd.sock");
+    let budget = Duration::from_secs(2);
+    let server = qemu_nbd(&image, &socket);
+    let storage = NbdStorage::connect_with(
+        &unix_address(&socket, "disk0"),
+        true,
+        with_reconnect(Some(budget), 1),
+    )
+    .expect("connect");
+    storage.only_copy();
+    kill(server);
+    let _impostor = qemu_nbd(&other, &socket);
+    let error = storage.write_at(0, &[7; 4096]).expect_err("another export");
+    let text = error.to_string();
+    assert!(text.contains("export changed"), "{text}");
+    assert!(
+        std::fs::read(&other).expect("read").iter().all(|&b| b == 0),
+        "nothing reached the other export"
+    );
+}
+
+/// A server that breaks the protocol is not reconnected to, budget or not.
+#[test]
+fn a_protocol_violation_is_never_reconnected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = fake(dir.path(), "violation", false, |c, r| {
+        let _ = c.write_all(&proto::encode_simple_reply(0, r.handle + 1));
+    });
+    let storage = NbdStorage::connect_with(
+        &unix_address(&socket, ""),
+        true,
+        with_reconnect(Some(BUDGET), 1),
+    )
+    .expect("connect");
+    storage.only_copy();
+    for attempt in ["the request", "a later request"] {
+        let started = Instant::now();
+        let error = storage.write_at(0, &[5; 4096]).expect_err(attempt);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{attempt} failed at once, not after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            error.to_string().contains("unknown handle"),
+            "{attempt}: {error}"
+        );
+    }
+}
+
+// ----------------------------------------------------------- multi-conn pool
+
+/// qemu-storage-daemon's writable export advertises multi-conn: several
+/// connections carry the writes of several threads, and one FLUSH on one
+/// of them covers them all.
+#[test]
+fn a_pool_over_qemu_storage_daemon_spreads_requests_and_one_flush_covers_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image_file(dir.path(), "disk.raw", SIZE);
+    let socket = dir.path().join("qsd.sock");
+    let server = Server::start(
+        "qemu-storage-daemon",
+        &[
+            s("--blockdev"),
+            format!("driver=file,node-name=file0,filename={}", image.display()),
+            s("--blockdev"),
+            s("driver=raw,node-name=disk0,file=file0"),
+            s("--nbd-server"),
+            format!("addr.type=unix,addr.path={}", socket.display()),
+            s("--export"),
+            s("type=nbd,id=export0,node-name=disk0,name=disk0,writable=on"),
+        ],
+        &socket,
+    );
+    let storage = NbdStorage::connect_with(
+        &unix_address(&socket, "disk0"),
+        true,
+        with_reconnect(None, 4),
+    )
+    .expect("connect");
+    assert_eq!(storage.connections(), 4, "the server allows multi-conn");
+    const THREADS: u64 = 6;
+    const BLOCKS: u64 = 32;
+    const BLOCK: u64 = 64 << 10;
+    let mut model = vec![0u8; SIZE as usize];
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let storage = &storage;
+            scope.spawn(move || {
+                for b in 0..BLOCKS {
+                    let offset = (b * THREADS + t) * BLOCK;
+                    let data = pattern((t * BLOCKS + b) as u8, BLOCK as usize);
+                    storage.write_at(offset, &data).expect("write");
+                }
+            });
+        }
+    });
+    for t in 0..THREADS {
+        for b in 0..BLOCKS {
+            let offset = ((b * THREADS + t) * BLOCK) as usize;
+            model[offset..offset + BLOCK as usize]
+                .copy_from_slice(&pattern((t * BLOCKS + b) as u8, BLOCK as usize));
+        }
+    }
+    storage.sync_data().expect("one flush");
+    let used = storage.requests_per_connection();
+    assert!(
+        used.iter().filter(|&&n| n > 0).count() > 1,
+        "more than one connection carried requests: {used:?}"
+    );
+    drop(storage);
+    server.stop();
+    check_file(&image, &model, "the pool's writes");
 }
