@@ -1,14 +1,15 @@
-//! Starting a job over image files (or block devices) and a journal path.
+//! Starting a job over images (files, block devices or NBD exports) and a
+//! journal path, and taking one over after a crash.
 
 use std::path::Path;
 
 use super::{Config, Job};
 use crate::error::{Error, Result};
-use crate::journal::{self, ImageRecord, ImageRef, Phase, Record};
-use crate::storage::{FileStorage, ImageIdentity};
+use crate::journal::{self, ExportRecord, ImageRecord, ImageRef, Phase, Record};
+use crate::storage::{AnyImage, FileStorage, ImageIdentity, Location, NbdOptions, Storage};
 
-/// A job over real files.
-pub type FileJob = Job<FileStorage, FileStorage>;
+/// A job whose images are files or exports, with its journal in a file.
+pub type FileJob = Job<AnyImage, FileStorage>;
 
 fn image_record(identity: &ImageIdentity) -> Result<ImageRecord> {
     let path = identity.path.to_str().ok_or_else(|| {
@@ -25,6 +26,20 @@ fn image_record(identity: &ImageIdentity) -> Result<ImageRecord> {
     })
 }
 
+/// What the journal records of an image: a file's path and identity, or an
+/// export's URI, name and size.
+fn image_ref(image: &AnyImage) -> Result<ImageRef> {
+    match image {
+        AnyImage::File(f) => Ok(ImageRef::File(image_record(&f.identity()?)?)),
+        AnyImage::Export(e) => Ok(ImageRef::Export(ExportRecord {
+            uri: e.address().to_string(),
+            export: e.address().export.clone(),
+            size: e.len().map_err(|err| Error::io("export size", err))?,
+            tls: e.address().tls,
+        })),
+    }
+}
+
 /// Creates the journal at `journal_path` (it must not exist), recording
 /// Copying with the source authoritative, then sets up the job. The
 /// destination must exist and be at least as large as the source; it must
@@ -36,32 +51,62 @@ pub fn start(
     destination: &Path,
     config: Config,
 ) -> Result<FileJob> {
+    start_at(
+        journal_path,
+        &Location::Path(source.to_path_buf()),
+        &Location::Path(destination.to_path_buf()),
+        config,
+        &NbdOptions::default(),
+    )
+}
+
+/// [`start`] for images named by location: files, block devices or NBD
+/// exports, in any mix. Exports are connected with `options`.
+pub fn start_at(
+    journal_path: &Path,
+    source: &Location,
+    destination: &Location,
+    config: Config,
+    options: &NbdOptions,
+) -> Result<FileJob> {
     config.validate()?;
-    let source = FileStorage::open_image(source, true)?;
-    let destination = FileStorage::open_image(destination, true)?;
-    let (source_id, destination_id) = (source.identity()?, destination.identity()?);
-    if (source_id.device, source_id.inode) == (destination_id.device, destination_id.inode) {
+    let source = AnyImage::open(source, true, options)?;
+    let destination = AnyImage::open(destination, true, options)?;
+    let (source_ref, destination_ref) = (image_ref(&source)?, image_ref(&destination)?);
+    if source_ref.same_image(&destination_ref) {
+        let what = if source.file().is_some() {
+            "file"
+        } else {
+            "export"
+        };
         return Err(Error::InvalidInput(format!(
-            "{} and {} are the same file",
-            source.path().display(),
-            destination.path().display()
+            "{} and {} are the same {what}",
+            source.name(),
+            destination.name()
         )));
     }
     // A second job on the same images would mirror into a copy that another
-    // engine also writes.
-    source.lock_exclusive()?;
-    destination.lock_exclusive()?;
-    if destination_id.size < source_id.size {
+    // engine also writes. An export cannot be locked from here: its server
+    // must keep other writers off (README, "Remote images").
+    for image in [&source, &destination] {
+        if let Some(file) = image.file() {
+            file.lock_exclusive()?;
+        }
+    }
+    if destination_ref.size() < source_ref.size() {
         return Err(Error::InvalidInput(format!(
             "the destination ({} bytes) is smaller than the source ({} bytes)",
-            destination_id.size, source_id.size
+            destination_ref.size(),
+            source_ref.size()
         )));
     }
-    // The journal will name both images by path: their directory entries
+    // The journal will name the files by path: their directory entries
     // must survive a power cut as surely as the record that names them (a
     // destination created just before the job, by copyctl or by hand).
-    for image in [&source_id, &destination_id] {
-        crate::storage::sync_parent(&image.path)?;
+    for image in [&source_ref, &destination_ref] {
+        if let Some(file) = image.file() {
+            crate::storage::sync_parent(Path::new(&file.path))?;
+        }
     }
     let mut job_id = [0u8; 16];
     let mut writer = [0u8; 16];
@@ -70,8 +115,8 @@ pub fn start(
     let first = Record::single(
         job_id,
         Phase::Copying,
-        ImageRef::File(image_record(&source_id)?),
-        ImageRef::File(image_record(&destination_id)?),
+        source_ref,
+        destination_ref,
         writer,
         1,
         0,
@@ -85,9 +130,15 @@ pub fn start(
 /// recovery must, repairs damaged copies (after a backup), and, if the job
 /// was Copying or Ready, starts its copy over from the beginning under a new
 /// writer epoch (the destination may have missed writes that were in flight
-/// when the engine died). The images must still be the files the journal
-/// recorded (same device and inode). Copy workers are not started.
+/// when the engine died). The images must still be the ones the journal
+/// recorded (same device, inode and size; for an export, the same size).
+/// Copy workers are not started.
 pub fn resume(journal_path: &Path, config: Config) -> Result<FileJob> {
+    resume_with(journal_path, config, &NbdOptions::default())
+}
+
+/// [`resume`], connecting exports with `options`.
+pub fn resume_with(journal_path: &Path, config: Config, options: &NbdOptions) -> Result<FileJob> {
     config.validate()?;
     let opened = journal::open_file(journal_path, crate::storage::JournalAccess::Exclusive)?;
     let recovered = opened.analysis.outcome.map_err(Error::Refused)?;
@@ -104,23 +155,32 @@ pub fn resume(journal_path: &Path, config: Config) -> Result<FileJob> {
             record.phase.name()
         )));
     }
-    let source = open_recorded(record.source())?;
-    let destination = open_recorded(record.destination())?;
+    let source = open_recorded(record.source(), options)?;
+    let destination = open_recorded(record.destination(), options)?;
     let mut journal = journal::Journal::resume(opened.storage, &recovered)?;
     journal.commit(Phase::Copying, 0)?;
     Job::new(journal, source, destination, config)
 }
 
-/// Opens the image a record names, refusing if the path now names another
-/// file than the one the job started with, or the file changed size (a
-/// grown image would expose bytes the copy never wrote; a shrunk one lost
-/// some).
-pub fn open_recorded(image: &ImageRef) -> Result<FileStorage> {
-    let ImageRef::File(image) = image else {
-        return Err(Error::InvalidInput(format!(
-            "{} is an NBD export; this engine takes over jobs over files only",
-            image.name()
-        )));
+/// Opens the image a record names, refusing if it is not the image the job
+/// started with: for a file, the path now names another file, or the file
+/// changed size (a grown image would expose bytes the copy never wrote; a
+/// shrunk one lost some); for an export, its size changed.
+pub fn open_recorded(image: &ImageRef, options: &NbdOptions) -> Result<AnyImage> {
+    let image = match image {
+        ImageRef::File(image) => image,
+        ImageRef::Export(export) => {
+            let location = Location::parse(&export.uri)?;
+            let opened = AnyImage::open(&location, true, options)?;
+            let now = opened.len().map_err(|e| Error::io("export size", e))?;
+            if now != export.size {
+                return Err(Error::InvalidInput(format!(
+                    "{} was resized since the job started ({} bytes then, {now} now)",
+                    export.uri, export.size
+                )));
+            }
+            return Ok(opened);
+        }
     };
     let storage = FileStorage::open_image(Path::new(&image.path), true)?;
     storage.lock_exclusive()?;
@@ -137,5 +197,5 @@ pub fn open_recorded(image: &ImageRef) -> Result<FileStorage> {
             image.path, image.size, now.size
         )));
     }
-    Ok(storage)
+    Ok(AnyImage::File(storage))
 }

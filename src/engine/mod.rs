@@ -510,6 +510,8 @@ impl<S: Storage, J: Storage> Shared<S, J> {
                 state.phase = JobPhase::Aborted;
                 state.reason = Some(reason.clone());
                 drop(state);
+                // The source is the guest's only copy from here on.
+                self.source.storage.only_copy();
                 self.changed.notify_all();
                 self.emit(Event::Aborted { reason });
             }
@@ -826,8 +828,11 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             }
         };
         // E3, E4: the record is durable; only now may the destination be
-        // written alone, and the source never again.
+        // written alone, and the source never again. The destination is
+        // now the guest's only copy: a storage that can lose its medium
+        // (an NBD export) may wait for it rather than fail the guest.
         shared.source.retire();
+        shared.destination.storage.only_copy();
         let pause = held.elapsed();
         {
             let mut state = shared.state();
@@ -902,6 +907,8 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
                 state.phase = JobPhase::Aborted;
                 state.reason = Some("aborted on request".into());
                 drop(state);
+                // The source is the guest's only copy from here on.
+                shared.source.storage.only_copy();
                 shared.changed.notify_all();
                 drop(journal);
                 shared.emit(Event::Aborted {

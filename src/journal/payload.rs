@@ -219,7 +219,7 @@ impl ImageRef {
     }
 
     /// Whether two image references name the same image.
-    fn same_image(&self, other: &ImageRef) -> bool {
+    pub fn same_image(&self, other: &ImageRef) -> bool {
         match (self, other) {
             (ImageRef::File(a), ImageRef::File(b)) => {
                 a.path == b.path || (a.device == b.device && a.inode == b.inode)

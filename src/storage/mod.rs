@@ -3,11 +3,13 @@
 //! Everything above this module (the journal, recovery, the copy engine) sees
 //! a [`Storage`]: positioned reads and writes, a data sync, a length, and the
 //! two sparse-file operations the copy needs. [`FileStorage`] implements it
-//! over regular files and block devices; [`SimDisk`] implements it in memory
+//! over regular files and block devices, [`NbdStorage`] over an NBD export
+//! (the client), [`AnyImage`] over either; [`SimDisk`] implements it in memory
 //! with a durable image, the writes pending since the last sync, and every
 //! crash and media fault the journal must survive. Architecture invariant:
 //! no other module opens, reads, writes or syncs a file.
 
+mod any;
 mod file;
 pub mod location;
 pub(crate) mod nbd;
@@ -16,6 +18,7 @@ mod sim;
 use std::io;
 use std::ops::Range;
 
+pub use any::AnyImage;
 pub use file::{
     FileStorage, ImageIdentity, JournalAccess, LockState, create_new_file_atomically,
     stat_identity, sync_parent, write_backup_copy,

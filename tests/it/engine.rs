@@ -563,7 +563,7 @@ const REGION: u64 = STRESS_SIZE / STRESS_THREADS;
 /// flushes inside its own region until told to stop. Returns its model of
 /// the region.
 fn stress_guest(
-    guest: livecopy::engine::Guest<livecopy::storage::FileStorage, livecopy::storage::FileStorage>,
+    guest: livecopy::engine::Guest<livecopy::storage::AnyImage, livecopy::storage::FileStorage>,
     index: u64,
     mut region: Vec<u8>,
     stop: &AtomicBool,

@@ -95,6 +95,21 @@ pub struct TuningArgs {
     /// Largest bulk-copy request while the guest is busy.
     #[arg(long = "busy-chunk", default_value = "128K", value_parser = crate::size::parse_size)]
     pub busy_chunk_size: u64,
+    /// Seconds to wait for an NBD export that dropped once it holds the
+    /// guest's only copy (the destination after the switch, the source
+    /// after an abort), reconnecting and re-sending unanswered requests;
+    /// guest requests then fail with EIO. No reconnect by default.
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    pub reconnect_delay: Option<f64>,
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => Ok(s),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0 to 86400"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -102,9 +117,11 @@ pub struct CopyArgs {
     /// The journal to create.
     #[arg(long)]
     pub journal: PathBuf,
-    /// The image to copy.
+    /// The image to copy: a path, or an NBD URI (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH).
     pub source: PathBuf,
-    /// The copy (created when missing).
+    /// The copy: a path (created when missing, sized like the source) or an
+    /// NBD URI.
     pub destination: PathBuf,
     #[command(flatten)]
     pub tuning: TuningArgs,
@@ -170,10 +187,10 @@ pub struct ServeArgs {
     /// The journal: created for a new job, recovered if it exists.
     #[arg(long)]
     pub journal: PathBuf,
-    /// The source image.
+    /// The source image: a path or an NBD URI.
     #[arg(long)]
     pub source: PathBuf,
-    /// The destination image (created when missing).
+    /// The destination image: a path (created when missing) or an NBD URI.
     #[arg(long = "dest", alias = "destination")]
     pub destination: PathBuf,
     /// The NBD Unix socket to create (mode 0600).

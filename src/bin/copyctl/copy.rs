@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use livecopy::engine::{self, Config, JobPhase};
-use livecopy::storage::{self, FileStorage};
+use livecopy::storage::{self, AnyImage, FileStorage, Location, NbdOptions, Storage};
 use serde_json::json;
 
 use crate::args::{CopyArgs, Output};
@@ -26,14 +26,48 @@ pub fn config(args: &crate::args::TuningArgs) -> Config {
     }
 }
 
-/// Creates the destination when it does not exist yet, sized like the source.
-pub fn ensure_destination(source: &Path, destination: &Path) -> anyhow::Result<bool> {
+/// An image argument: an NBD URI, or a path (any path that is not UTF-8
+/// is a path).
+pub fn location(argument: &Path) -> anyhow::Result<Location> {
+    Ok(match argument.to_str() {
+        Some(text) => Location::parse(text)?,
+        None => Location::Path(argument.to_path_buf()),
+    })
+}
+
+/// How NBD exports are connected, from the options.
+pub fn nbd_options(args: &crate::args::TuningArgs) -> NbdOptions {
+    NbdOptions {
+        reconnect_delay: args.reconnect_delay.map(Duration::from_secs_f64),
+        ..NbdOptions::default()
+    }
+}
+
+/// Creates a destination file when it does not exist yet, sized like the
+/// source. An export must exist already.
+pub fn ensure_destination(
+    source: &Location,
+    destination: &Location,
+    options: &NbdOptions,
+) -> anyhow::Result<bool> {
+    let Location::Path(destination) = destination else {
+        return Ok(false);
+    };
     if storage::stat_identity(destination)?.is_some() {
         return Ok(false);
     }
-    let size = storage::stat_identity(source)?
-        .ok_or_else(|| livecopy::Error::io_at("open", source, std::io::ErrorKind::NotFound.into()))?
-        .size;
+    let size = match source {
+        Location::Path(source) => {
+            storage::stat_identity(source)?
+                .ok_or_else(|| {
+                    livecopy::Error::io_at("open", source, std::io::ErrorKind::NotFound.into())
+                })?
+                .size
+        }
+        Location::Nbd(_) => AnyImage::open(source, false, options)?
+            .len()
+            .map_err(|e| livecopy::Error::io("source size", e))?,
+    };
     FileStorage::create_image(destination, size)?;
     Ok(true)
 }
@@ -42,9 +76,11 @@ pub fn run(args: &CopyArgs, out: Output) -> anyhow::Result<Exit> {
     // Before the destination is created: a refused tuning leaves nothing.
     let config = config(&args.tuning);
     config.validate()?;
-    let created = ensure_destination(&args.source, &args.destination)?;
+    let (source, destination) = (location(&args.source)?, location(&args.destination)?);
+    let options = nbd_options(&args.tuning);
+    let created = ensure_destination(&source, &destination, &options)?;
     let started = Instant::now();
-    let mut job = engine::files::start(&args.journal, &args.source, &args.destination, config)?;
+    let mut job = engine::files::start_at(&args.journal, &source, &destination, config, &options)?;
     let size = job.status().size;
     job.start_workers();
 

@@ -15,7 +15,7 @@ use livecopy::engine::files;
 use livecopy::export::ImageDevice;
 use livecopy::journal::{self, Journal, Phase, Side};
 use livecopy::nbd::{self, ExportDevice};
-use livecopy::storage::{self, JournalAccess};
+use livecopy::storage::{self, JournalAccess, Storage};
 use serde_json::json;
 
 use crate::args::{Output, ServeArgs};
@@ -36,8 +36,11 @@ fn new_job(args: &ServeArgs) -> anyhow::Result<Plan> {
     // Before the destination is created: a refused tuning leaves nothing.
     let config = crate::copy::config(&args.tuning);
     config.validate()?;
-    crate::copy::ensure_destination(&args.source, &args.destination)?;
-    let job = files::start(&args.journal, &args.source, &args.destination, config)?;
+    let source = crate::copy::location(&args.source)?;
+    let destination = crate::copy::location(&args.destination)?;
+    let options = crate::copy::nbd_options(&args.tuning);
+    crate::copy::ensure_destination(&source, &destination, &options)?;
+    let job = files::start_at(&args.journal, &source, &destination, config, &options)?;
     running(job)
 }
 
@@ -80,13 +83,17 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
         }
         // Release the lock: resume takes it again.
         drop(opened.storage);
-        return Ok(Ok(running(files::resume(
+        return Ok(Ok(running(files::resume_with(
             &args.journal,
             crate::copy::config(&args.tuning),
+            &crate::copy::nbd_options(&args.tuning),
         )?)?));
     }
     let image = record.image(record.authoritative);
-    let storage = files::open_recorded(image)?;
+    let storage = files::open_recorded(image, &crate::copy::nbd_options(&args.tuning))?;
+    // The job ended: this image is the guest's only copy (an export may
+    // then be waited for, within --reconnect-delay).
+    storage.only_copy();
     let authoritative = record.authoritative;
     let phase = record.phase.name().to_string();
     // Holding the journal keeps its lock: no second engine while we serve.
