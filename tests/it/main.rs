@@ -16,6 +16,7 @@ mod model;
 mod nbd;
 mod nbd_client;
 mod recovery_table;
+mod remote;
 mod resolve;
 mod restart;
 mod serve;

@@ -30,13 +30,13 @@ fn unix_address(socket: &Path, export: &str) -> NbdAddress {
 }
 
 /// A server process, killed and reaped when dropped.
-struct Server {
+pub(crate) struct Server {
     child: Child,
     socket: PathBuf,
 }
 
 impl Server {
-    fn start(program: &str, args: &[String], socket: &Path) -> Server {
+    pub(crate) fn start(program: &str, args: &[String], socket: &Path) -> Server {
         let child = {
             let _no_journal_changes = spawning();
             Command::new(program)
@@ -70,7 +70,7 @@ impl Server {
     }
 
     /// Stops the server and waits for it, so its image is complete.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
