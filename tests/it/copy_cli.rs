@@ -314,3 +314,63 @@ fn a_full_destination_file_system_aborts_the_copy_and_keeps_the_source() {
     assert_eq!(verdict["phase"], "aborted");
     drop(small);
 }
+
+/// A new job over an existing destination that holds data is refused
+/// unless asked for: a mistyped journal path must not start a copy over
+/// what may be another job's only up-to-date image. A destination that is
+/// all holes, or whose allocated blocks are zeros, is taken as it is.
+#[test]
+fn a_destination_holding_data_needs_overwrite_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let source = sparse_source(&dir.path().join("src.img"), 2 * MIB);
+    let mut used = vec![0u8; 2 * MIB as usize];
+    used[MIB as usize + 7] = 0x42;
+    fs::write(dir.path().join("used.img"), &used).unwrap();
+    fs::write(dir.path().join("zeros.img"), vec![0u8; 2 * MIB as usize]).unwrap();
+    fs::File::create(dir.path().join("sparse.img"))
+        .unwrap()
+        .set_len(2 * MIB)
+        .unwrap();
+
+    let refused = run_copyctl(&["copy", "--journal", &p("j1"), &p("src.img"), &p("used.img")]);
+    assert_eq!(refused.code, 9, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("already holds data")
+            && refused.stderr.contains("--overwrite-destination"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!dir.path().join("j1").exists(), "a journal was left");
+    assert_eq!(fs::read(dir.path().join("used.img")).unwrap(), used);
+    let serve = run_copyctl(&[
+        "serve",
+        "--journal",
+        &p("j2"),
+        "--source",
+        &p("src.img"),
+        "--dest",
+        &p("used.img"),
+        "--socket",
+        &p("nbd.sock"),
+        "--control",
+        &p("ctl.sock"),
+    ]);
+    assert_eq!(serve.code, 9, "{}", serve.stderr);
+    assert!(!dir.path().join("j2").exists() && !dir.path().join("nbd.sock").exists());
+
+    for (dest, extra) in [
+        ("zeros.img", None),
+        ("sparse.img", None),
+        ("used.img", Some("--overwrite-destination")),
+    ] {
+        let journal = p(&format!("{dest}.journal"));
+        let mut args = vec!["copy", "--journal", &journal];
+        args.extend(extra);
+        let (src, dst) = (p("src.img"), p(dest));
+        args.extend([src.as_str(), dst.as_str()]);
+        let run = run_copyctl(&args);
+        assert_eq!(run.code, 0, "{dest}: {}", run.stderr);
+        assert_eq!(fs::read(dir.path().join(dest)).unwrap(), source, "{dest}");
+    }
+}

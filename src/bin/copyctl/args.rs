@@ -123,6 +123,11 @@ pub struct CopyArgs {
     /// The copy: a path (created when missing, sized like the source) or an
     /// NBD URI.
     pub destination: PathBuf,
+    /// Copy over an existing destination that already holds data (a block
+    /// device always counts as holding data). Without it such a destination
+    /// is refused: it may be another job's only up-to-date image.
+    #[arg(long)]
+    pub overwrite_destination: bool,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }
@@ -193,6 +198,10 @@ pub struct ServeArgs {
     /// The destination image: a path (created when missing) or an NBD URI.
     #[arg(long = "dest", alias = "destination")]
     pub destination: PathBuf,
+    /// Start a new job over an existing destination that already holds
+    /// data (see `copy --overwrite-destination`).
+    #[arg(long)]
+    pub overwrite_destination: bool,
     /// The NBD Unix socket to create (mode 0600).
     #[arg(long)]
     pub socket: PathBuf,

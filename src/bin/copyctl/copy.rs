@@ -26,6 +26,57 @@ pub fn config(args: &crate::args::TuningArgs) -> Config {
     }
 }
 
+/// Whether both locations are one file (the job refuses that itself, with
+/// the better message).
+fn same_file(a: &Location, b: &Location) -> anyhow::Result<bool> {
+    let (Location::Path(a), Location::Path(b)) = (a, b) else {
+        return Ok(false);
+    };
+    Ok(
+        match (storage::stat_identity(a)?, storage::stat_identity(b)?) {
+            (Some(a), Some(b)) => (a.device, a.inode) == (b.device, b.inode),
+            _ => false,
+        },
+    )
+}
+
+/// Whether any byte the image's allocation map calls data is not zero,
+/// reading at most 64 MiB of it: an image with more data than that (a block
+/// device or an export without block status reports all of itself as
+/// data) counts as holding data. A freshly created image often has its
+/// first block allocated and zero (qemu-img, for O_DIRECT probing).
+fn holds_data(image: &AnyImage) -> anyhow::Result<bool> {
+    const BUDGET: u64 = 64 << 20;
+    let mut read = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while let Some(data) = image
+        .next_data(at)
+        .map_err(|e| livecopy::Error::io("destination SEEK_DATA", e))?
+    {
+        let mut pos = data.start;
+        while pos < data.end {
+            if read >= BUDGET {
+                return Ok(true);
+            }
+            let n = (data.end - pos).min(buf.len() as u64).min(BUDGET - read) as usize;
+            image
+                .read_at(pos, &mut buf[..n])
+                .map_err(|e| livecopy::Error::io("destination read", e))?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                return Ok(true);
+            }
+            pos += n as u64;
+            read += n as u64;
+        }
+        if data.end <= at {
+            break;
+        }
+        at = data.end;
+    }
+    Ok(false)
+}
+
 /// An image argument: an NBD URI, or a path (any path that is not UTF-8
 /// is a path).
 pub fn location(argument: &Path) -> anyhow::Result<Location> {
@@ -44,18 +95,35 @@ pub fn nbd_options(args: &crate::args::TuningArgs) -> NbdOptions {
 }
 
 /// Creates a destination file when it does not exist yet, sized like the
-/// source. An export must exist already.
+/// source. An existing destination (an export always exists) must hold no
+/// data unless `overwrite` says so: a mistyped journal path would otherwise
+/// start a new copy over what may be another job's only up-to-date image.
 pub fn ensure_destination(
     source: &Location,
     destination: &Location,
     options: &NbdOptions,
+    overwrite: bool,
 ) -> anyhow::Result<bool> {
+    let exists = match destination {
+        Location::Path(path) => storage::stat_identity(path)?.is_some(),
+        Location::Nbd(_) => true,
+    };
+    if exists {
+        if !overwrite && !same_file(source, destination)? {
+            let image = AnyImage::open(destination, false, options)?;
+            if holds_data(&image)? {
+                anyhow::bail!(livecopy::Error::InvalidInput(format!(
+                    "{} already holds data; it may be another job's only up-to-date image. \
+                     Pass --overwrite-destination to copy over it",
+                    image.name()
+                )));
+            }
+        }
+        return Ok(false);
+    }
     let Location::Path(destination) = destination else {
         return Ok(false);
     };
-    if storage::stat_identity(destination)?.is_some() {
-        return Ok(false);
-    }
     let size = match source {
         Location::Path(source) => {
             storage::stat_identity(source)?
@@ -78,7 +146,7 @@ pub fn run(args: &CopyArgs, out: Output) -> anyhow::Result<Exit> {
     config.validate()?;
     let (source, destination) = (location(&args.source)?, location(&args.destination)?);
     let options = nbd_options(&args.tuning);
-    let created = ensure_destination(&source, &destination, &options)?;
+    let created = ensure_destination(&source, &destination, &options, args.overwrite_destination)?;
     let started = Instant::now();
     let mut job = engine::files::start_at(&args.journal, &source, &destination, config, &options)?;
     let size = job.status().size;

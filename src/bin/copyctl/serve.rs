@@ -39,7 +39,7 @@ fn new_job(args: &ServeArgs) -> anyhow::Result<Plan> {
     let source = crate::copy::location(&args.source)?;
     let destination = crate::copy::location(&args.destination)?;
     let options = crate::copy::nbd_options(&args.tuning);
-    crate::copy::ensure_destination(&source, &destination, &options)?;
+    crate::copy::ensure_destination(&source, &destination, &options, args.overwrite_destination)?;
     let job = files::start_at(&args.journal, &source, &destination, config, &options)?;
     running(job)
 }
