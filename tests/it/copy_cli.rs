@@ -210,6 +210,23 @@ fn demo_kills_the_engine_and_verifies_every_acknowledged_write() {
     assert_eq!(report["blocks_checked"], 16 * MIB / 4096);
 }
 
+/// The demo into an NBD export (qemu-storage-daemon): recovery names the
+/// export by its URI and every acknowledged write is read back through it.
+#[test]
+fn demo_remote_copies_into_an_export_and_verifies_through_it() {
+    let run = run_copyctl(&[
+        "--output", "json", "demo", "--remote", "--size", "16M", "--seed", "11",
+    ]);
+    assert_eq!(run.code, 0, "stdout {}\nstderr {}", run.stdout, run.stderr);
+    let report: Value = serde_json::from_str(&run.stdout).expect("JSON report");
+    assert_eq!(report["verdict"], "verified");
+    assert_eq!(report["recovery"]["authoritative"], "destination");
+    let image = report["recovery"]["image"].as_str().expect("image");
+    assert!(image.starts_with("nbd+unix:///disk0?socket="), "{image}");
+    assert!(report["writes_acknowledged"].as_u64().unwrap() > 0);
+    assert_eq!(report["wrong_blocks"].as_array().unwrap().len(), 0);
+}
+
 #[test]
 fn a_second_job_on_the_same_images_is_refused_while_the_first_runs() {
     let dir = tempfile::tempdir().unwrap();

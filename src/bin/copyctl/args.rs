@@ -144,6 +144,10 @@ pub struct DemoArgs {
     /// Seed for the guest's writes and the moment of the kill.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Copy into an NBD export served by a local qemu-storage-daemon (what
+    /// a storage migration to another host does), instead of a file.
+    #[arg(long)]
+    pub remote: bool,
 }
 
 #[derive(Debug, Args)]
@@ -152,6 +156,9 @@ pub struct DemoEngineArgs {
     pub dir: PathBuf,
     #[arg(long)]
     pub seed: u64,
+    /// The destination's NBD URI, when it is an export.
+    #[arg(long)]
+    pub dest_uri: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,11 @@
 //! a moment drawn from the seed, runs recovery on the journal, opens the
 //! image recovery names, and checks every block against the log: each holds
 //! its last acknowledged value or the one in flight, never an older one.
+//!
+//! With `--remote`, the destination is an NBD export of a file in the same
+//! directory, served by a qemu-storage-daemon the parent starts (as a
+//! storage migration to another host would use), and the check reads the
+//! image recovery names through that export.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -25,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use livecopy::engine::{self, Config, JobPhase};
 use livecopy::journal::Side;
-use livecopy::storage::{FileStorage, Storage};
+use livecopy::storage::{AnyImage, FileStorage, Location, NbdOptions, Storage};
 use serde_json::{Value, json};
 
 use crate::args::{DemoArgs, DemoEngineArgs, Output};
@@ -122,12 +127,22 @@ pub fn run(args: &DemoArgs, out: Output) -> anyhow::Result<Exit> {
     let (source, destination, journal, log) = paths(&dir);
     let data = make_source(&source, size)?;
     FileStorage::create_image(&destination, size)?;
+    let remote = if args.remote {
+        Some(RemoteDestination::start(&dir, &destination)?)
+    } else {
+        None
+    };
 
     let exe = std::env::current_exe().context("finding copyctl itself")?;
-    let mut child = Command::new(exe)
+    let mut engine = Command::new(exe);
+    engine
         .args(["demo-engine", "--dir"])
         .arg(&dir)
-        .args(["--seed", &seed.to_string()])
+        .args(["--seed", &seed.to_string()]);
+    if let Some(remote) = &remote {
+        engine.args(["--dest-uri", &remote.uri]);
+    }
+    let mut child = engine
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -160,7 +175,19 @@ pub fn run(args: &DemoArgs, out: Output) -> anyhow::Result<Exit> {
     );
 
     let authority = livecopy::restart::authoritative_image(&journal)?;
-    let checked = verify(&log, &authority.image, size)?;
+    let image = authority
+        .image
+        .to_str()
+        .map(Location::parse)
+        .transpose()?
+        .unwrap_or_else(|| Location::Path(authority.image.clone()));
+    let image = AnyImage::open(&image, false, &NbdOptions::default())
+        .context("opening the image recovery named")?;
+    let checked = verify(&log, &image, size)?;
+    drop(image);
+    if let Some(remote) = remote {
+        remote.stop()?;
+    }
     let ok = checked.wrong.is_empty();
     let side = authority.side.name();
     let json = json!({
@@ -229,7 +256,7 @@ struct Checked {
 }
 
 /// Replays the guest log into a model and compares the image with it.
-fn verify(log: &Path, image: &Path, size: u64) -> anyhow::Result<Checked> {
+fn verify(log: &Path, image: &AnyImage, size: u64) -> anyhow::Result<Checked> {
     // Per block: values in submission order, and how many were acknowledged.
     let mut history: HashMap<u64, (Vec<u64>, usize)> = HashMap::new();
     let mut pending: Option<(u64, u64)> = None;
@@ -264,7 +291,6 @@ fn verify(log: &Path, image: &Path, size: u64) -> anyhow::Result<Checked> {
             _ => pending = None,
         }
     }
-    let image = FileStorage::open_image(image, false)?;
     let mut wrong = Vec::new();
     let mut buf = vec![0u8; BLOCK as usize];
     for block in 0..size / BLOCK {
@@ -297,13 +323,23 @@ fn verify(log: &Path, image: &Path, size: u64) -> anyhow::Result<Checked> {
 /// JSON lines on stdout until it is killed.
 pub fn engine(args: &DemoEngineArgs) -> anyhow::Result<Exit> {
     let (source, destination, journal, log_path) = paths(&args.dir);
+    let destination = match &args.dest_uri {
+        Some(uri) => Location::parse(uri)?,
+        None => Location::Path(destination),
+    };
     let config = Config {
         granularity: 64 << 10,
         chunk_size: 1 << 20,
         copy_workers: 2,
         ..Config::default()
     };
-    let mut job = engine::files::start(&journal, &source, &destination, config)?;
+    let mut job = engine::files::start_at(
+        &journal,
+        &Location::Path(source),
+        &destination,
+        config,
+        &NbdOptions::default(),
+    )?;
     let guest = job.guest();
     let blocks = guest.size() / BLOCK;
     let stop = Arc::new(AtomicBool::new(false));
@@ -385,4 +421,71 @@ pub fn engine(args: &DemoEngineArgs) -> anyhow::Result<Exit> {
     drop(flushed_rx);
     let _ = writer.join();
     Ok(Exit::Failure)
+}
+
+/// The `--remote` destination: qemu-storage-daemon exporting the
+/// destination file over a Unix socket in the demo directory. Killed when
+/// dropped; `stop` ends it cleanly.
+struct RemoteDestination {
+    daemon: std::process::Child,
+    uri: String,
+}
+
+impl RemoteDestination {
+    fn start(dir: &Path, image: &Path) -> anyhow::Result<Self> {
+        let socket = dir.join("export.sock");
+        let daemon = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file0,filename={},cache.direct=on",
+                image.display()
+            ))
+            .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", socket.display()))
+            .args([
+                "--export",
+                "type=nbd,id=export0,node-name=disk0,name=disk0,writable=on",
+            ])
+            // Its notes (a client gone when the engine is killed) are noise
+            // here; a failure to start shows as its exit status below.
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting qemu-storage-daemon (Debian: apt-get install qemu-utils)")?;
+        let mut remote = RemoteDestination {
+            daemon,
+            uri: format!("nbd+unix:///disk0?socket={}", socket.display()),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Some(status) = remote.daemon.try_wait()? {
+                anyhow::bail!("qemu-storage-daemon exited: {status}");
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(remote)
+    }
+
+    /// SIGTERM, then wait: the daemon flushes and exits.
+    fn stop(mut self) -> anyhow::Result<()> {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.daemon.id() as i32).context("a pid")?,
+            rustix::process::Signal::TERM,
+        )?;
+        self.daemon.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for RemoteDestination {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
 }
