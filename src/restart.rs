@@ -64,12 +64,15 @@ fn authority(recovered: Recovered) -> Authority {
     }
 }
 
-/// Whether the file at the image's path is still the one the job recorded
-/// (device, inode, size); `None` when it is. An export is not checked here
-/// (that needs a connection).
+/// Whether the image is still the one the job recorded; `None` when it
+/// is. A file: the same device, inode and size at its path. An export: it
+/// answers (read-only) with the same size; a server that is down or
+/// unreachable is a warning too (the verdict stands; the guest cannot boot
+/// from it until it is back).
 pub fn image_warning(image: &ImageRef) -> Option<String> {
-    let ImageRef::File(image) = image else {
-        return None;
+    let image = match image {
+        ImageRef::File(image) => image,
+        ImageRef::Export(export) => return export_warning(export),
     };
     match crate::storage::stat_identity(Path::new(&image.path)) {
         Ok(None) => Some(format!(
@@ -86,5 +89,20 @@ pub fn image_warning(image: &ImageRef) -> Option<String> {
         }
         Ok(Some(_)) => None,
         Err(e) => Some(format!("cannot check {}: {}", image.path, e.describe())),
+    }
+}
+
+fn export_warning(export: &crate::journal::ExportRecord) -> Option<String> {
+    use crate::storage::{AnyImage, Location, NbdOptions, Storage};
+    let opened = Location::parse(&export.uri)
+        .and_then(|location| AnyImage::open(&location, false, &NbdOptions::default()));
+    match opened.map(|image| image.len()) {
+        Ok(Ok(size)) if size == export.size => None,
+        Ok(Ok(size)) => Some(format!(
+            "{} changed since the job started: recorded size {}, now {size}",
+            export.uri, export.size
+        )),
+        Ok(Err(e)) => Some(format!("cannot check {}: {e}", export.uri)),
+        Err(e) => Some(format!("cannot reach {}: {}", export.uri, e.describe())),
     }
 }

@@ -222,3 +222,43 @@ fn remote_refusals_leave_nothing_behind() {
         assert!(!journal.exists(), "{all:?} left a journal");
     }
 }
+
+/// `recover` on a job whose authoritative image is an export checks the
+/// export: a resized one, or a server that is down, gives a warning on
+/// stderr, and the verdict still stands (exit 0).
+#[test]
+fn recover_warns_when_the_export_changed_or_cannot_be_reached() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("source.raw");
+    patterned(&source);
+    let image = dir.path().join("dest.raw");
+    qemu_img(&["create", "-q", "-f", "raw", path(&image), &SIZE.to_string()]);
+    let (server, uri) = export(dir.path(), &image, "raw", "first");
+    let journal = dir.path().join("j.journal");
+    let run = run_copyctl(&["copy", "--journal", path(&journal), path(&source), &uri]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let quiet = run_copyctl(&["recover", path(&journal)]);
+    assert_eq!(quiet.code, 0, "{}", quiet.stderr);
+    assert!(!quiet.stderr.contains(&uri), "no warning: {}", quiet.stderr);
+    server.stop();
+
+    let down = run_copyctl(&["recover", "--no-repair", path(&journal)]);
+    assert_eq!(down.code, 0, "{}", down.stderr);
+    assert!(down.stderr.contains("cannot reach"), "{}", down.stderr);
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .and_then(|f| f.set_len(2 * SIZE))
+        .expect("resize");
+    // Served again on the same socket as the URI recorded.
+    let (_server, again) = export(dir.path(), &image, "raw", "first");
+    assert_eq!(again, uri);
+    let resized = run_copyctl(&["recover", path(&journal)]);
+    assert_eq!(resized.code, 0, "{}", resized.stderr);
+    assert!(
+        resized.stderr.contains("changed since the job started"),
+        "{}",
+        resized.stderr
+    );
+}
