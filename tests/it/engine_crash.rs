@@ -16,6 +16,15 @@
 //! 3. so no acknowledged write went to the destination alone before the
 //!    Switched record was durable (it would be missing from the source,
 //!    which recovery names until then).
+//!
+//! A second run treats the destination as an NBD export: `RemoteDrop`
+//! crashes the remote side (its unflushed writes are lost; every later call
+//! fails, as a connection that is gone) while the engine runs on. The same
+//! property must hold at every later crash point: before the switch the job
+//! aborts with the source complete; after it, nothing the remote side lost
+//! was acknowledged as durable.
+
+use std::sync::{Arc, Mutex};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -33,20 +42,36 @@ const BLOCKS: usize = 12;
 
 #[derive(Debug, Clone, Copy)]
 pub enum Op {
-    Write { block: u8, fua: bool },
-    Zeroes { block: u8 },
-    Discard { block: u8 },
+    Write {
+        block: u8,
+        fua: bool,
+    },
+    Zeroes {
+        block: u8,
+    },
+    Discard {
+        block: u8,
+    },
     Flush,
-    Read { block: u8 },
+    Read {
+        block: u8,
+    },
     Step,
     Switch,
     Complete,
     Abort,
+    /// The remote side of the destination crashes (export runs only).
+    RemoteDrop,
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    op_with(0)
+}
+
+fn op_with(remote_drop: u32) -> impl Strategy<Value = Op> {
     let block = 0..BLOCKS as u8;
     prop_oneof![
+        remote_drop => Just(Op::RemoteDrop),
         6 => (block.clone(), any::<bool>()).prop_map(|(block, fua)| Op::Write { block, fua }),
         1 => block.clone().prop_map(|block| Op::Zeroes { block }),
         1 => block.clone().prop_map(|block| Op::Discard { block }),
@@ -84,6 +109,88 @@ struct BlockModel {
     durable: usize,
 }
 
+/// A disk that behaves as an NBD export can: once dropped, its unflushed
+/// writes are gone and every call fails (the connection is lost; reconnects
+/// come only after the switch, and are not modelled: the failure is the
+/// harder case). The source is one too, never dropped, so that both images
+/// have one type.
+#[derive(Clone)]
+struct Remote {
+    disk: SimDisk,
+    /// The remote side's contents after its crash, once it crashed.
+    dropped: Arc<Mutex<Option<SimDisk>>>,
+}
+
+impl Remote {
+    fn new(disk: SimDisk) -> Self {
+        Remote {
+            disk,
+            dropped: Arc::default(),
+        }
+    }
+
+    fn drop_remote(&self) {
+        let mut dropped = self.dropped.lock().unwrap();
+        if dropped.is_none() {
+            *dropped = Some(self.disk.after_power_loss(|_, _| WriteFate::Drop));
+        }
+    }
+
+    /// What the image holds now: the remote side's contents if it crashed.
+    fn image(&self) -> SimDisk {
+        self.dropped
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| self.disk.clone())
+    }
+
+    fn up(&self) -> std::io::Result<()> {
+        if self.dropped.lock().unwrap().is_some() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the export's server is gone",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Storage for Remote {
+    fn len(&self) -> std::io::Result<u64> {
+        self.up()?;
+        self.disk.len()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.up()?;
+        self.disk.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.up()?;
+        self.disk.write_at(offset, data)
+    }
+    fn write_durable_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.up()?;
+        self.disk.write_durable_at(offset, data)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.up()?;
+        self.disk.sync_data()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.up()?;
+        self.disk.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.up()?;
+        self.disk.punch_hole(offset, len)
+    }
+    fn next_data(&self, offset: u64) -> std::io::Result<Option<std::ops::Range<u64>>> {
+        self.up()?;
+        self.disk.next_data(offset)
+    }
+}
+
 struct Outcome {
     source: SimDisk,
     destination: SimDisk,
@@ -116,8 +223,8 @@ fn drive(ops: &[Op], crash_at: Option<u64>) -> Outcome {
     for b in 0..BLOCKS {
         image.extend(block_bytes(initial(b)));
     }
-    let source = SimDisk::from_bytes(image).with_clock(&clock);
-    let destination = SimDisk::on_clock(&clock, (BLOCK * BLOCKS) as u64);
+    let source = Remote::new(SimDisk::from_bytes(image).with_clock(&clock));
+    let destination = Remote::new(SimDisk::on_clock(&clock, (BLOCK * BLOCKS) as u64));
     let journal_disk = SimDisk::on_clock(&clock, JOURNAL_LEN);
     let journal = Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
     let mut model: Vec<BlockModel> = (0..BLOCKS)
@@ -131,8 +238,8 @@ fn drive(ops: &[Op], crash_at: Option<u64>) -> Outcome {
         clock.crash_at(clock.ops() + n);
     }
     let outcome = |model| Outcome {
-        source: source.clone(),
-        destination: destination.clone(),
+        source: source.image(),
+        destination: destination.image(),
         journal: journal_disk.clone(),
         model,
     };
@@ -203,8 +310,20 @@ fn drive(ops: &[Op], crash_at: Option<u64>) -> Outcome {
             Op::Abort => {
                 let _ = job.abort();
             }
+            Op::RemoteDrop => {
+                destination.drop_remote();
+                // Once the destination is the guest's disk, its remote side
+                // may lose what it acknowledged but no flush covered (as a
+                // power loss there would): those values are no longer owed.
+                if matches!(job.status().phase, JobPhase::Switched | JobPhase::Completed) {
+                    for m in &mut model {
+                        m.acked = m.durable;
+                    }
+                }
+            }
         }
-        if crash_at.is_none() {
+        let remote_dropped = destination.dropped.lock().unwrap().is_some();
+        if crash_at.is_none() && !remote_dropped {
             // Without a crash, nothing may fail the engine.
             assert_ne!(
                 job.status().phase,
@@ -270,18 +389,23 @@ fn after(disk: &SimDisk, fate: Fate) -> SimDisk {
     }
 }
 
-static CRASH_POINTS: AtomicU64 = AtomicU64::new(0);
-static CRASH_CASES: AtomicU64 = AtomicU64::new(0);
+/// Crash points and crash cases one test checked (each test counts its
+/// own: tests run in parallel).
+#[derive(Default)]
+struct Counts {
+    points: AtomicU64,
+    cases: AtomicU64,
+}
 
 /// Crashes `ops` at every storage call and checks every fate.
-fn check_every_crash_point(ops: &[Op]) {
+fn check_every_crash_point(ops: &[Op], counts: &Counts) {
     let probe = drive(ops, None);
     let total = probe.source.ops() + probe.destination.ops() + probe.journal.ops();
     for n in 0..=total {
-        CRASH_POINTS.fetch_add(1, Ordering::Relaxed);
+        counts.points.fetch_add(1, Ordering::Relaxed);
         let crashed = drive(ops, Some(n));
         for fate in FATES {
-            CRASH_CASES.fetch_add(1, Ordering::Relaxed);
+            counts.cases.fetch_add(1, Ordering::Relaxed);
             check_recovered(&crashed, fate, n, ops);
         }
     }
@@ -411,10 +535,11 @@ const WORKLOADS: &[&[Op]] = &[
 
 #[test]
 fn every_crash_point_keeps_every_durable_write_on_the_image_recovery_names() {
+    let counts = Counts::default();
     for ops in WORKLOADS {
-        check_every_crash_point(ops);
+        check_every_crash_point(ops, &counts);
     }
-    let fixed_points = CRASH_POINTS.load(Ordering::Relaxed);
+    let fixed_points = counts.points.load(Ordering::Relaxed);
 
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
@@ -426,21 +551,21 @@ fn every_crash_point_keeps_every_durable_write_on_the_image_recovery_names() {
         ..RunnerConfig::default()
     });
     let result = runner.run(&proptest::collection::vec(op(), 1..64), |ops| {
-        check_every_crash_point(&ops);
+        check_every_crash_point(&ops, &counts);
         Ok(())
     });
     println!(
         "engine crash property: {} crash points in fixed workloads, {} in {} random workloads, \
          {} crash cases (points x fates) checked",
         fixed_points,
-        CRASH_POINTS.load(Ordering::Relaxed) - fixed_points,
+        counts.points.load(Ordering::Relaxed) - fixed_points,
         cases,
-        CRASH_CASES.load(Ordering::Relaxed)
+        counts.cases.load(Ordering::Relaxed)
     );
     if let Err(e) = result {
         panic!("{e}");
     }
-    assert!(CRASH_POINTS.load(Ordering::Relaxed) > 10_000);
+    assert!(counts.points.load(Ordering::Relaxed) > 10_000);
 }
 
 #[test]
@@ -448,10 +573,98 @@ fn the_fixed_workloads_reach_every_phase() {
     // Guards the crash test against silently testing less: without crashes,
     // the first workload switches and completes, the second aborts.
     let first = drive(WORKLOADS[0], None);
+    // And the export run: a drop before the switch aborts the job.
+    let dropped = drive(
+        &[
+            Op::Step,
+            Op::RemoteDrop,
+            Op::Write {
+                block: 0,
+                fua: false,
+            },
+        ],
+        None,
+    );
+    let verdict = journal::analyse(&dropped.journal).unwrap().outcome.unwrap();
+    assert_eq!(verdict.record.phase, livecopy::journal::Phase::Aborted);
     let verdict = journal::analyse(&first.journal).unwrap().outcome.unwrap();
     assert_eq!(verdict.record.phase, livecopy::journal::Phase::Completed);
     let second = drive(WORKLOADS[1], None);
     let verdict = journal::analyse(&second.journal).unwrap().outcome.unwrap();
     assert_eq!(verdict.record.phase, livecopy::journal::Phase::Aborted);
     let _ = first.source.len();
+}
+
+/// The same property with the destination as an export whose remote side
+/// may crash at any point of a random workload, and in fixed workloads
+/// before and after the switch.
+#[test]
+fn every_crash_point_keeps_every_durable_write_when_the_export_crashes_too() {
+    let fixed: &[&[Op]] = &[
+        &[
+            Op::Step,
+            Op::Write {
+                block: 0,
+                fua: false,
+            },
+            Op::RemoteDrop,
+            Op::Flush,
+            Op::Step,
+            Op::Switch,
+            Op::Write {
+                block: 1,
+                fua: true,
+            },
+            Op::Flush,
+        ],
+        &[
+            Op::Step,
+            Op::Step,
+            Op::Step,
+            Op::Step,
+            Op::Step,
+            Op::Step,
+            Op::Step,
+            Op::Switch,
+            Op::Write {
+                block: 2,
+                fua: false,
+            },
+            Op::RemoteDrop,
+            Op::Flush,
+            Op::Write {
+                block: 3,
+                fua: true,
+            },
+            Op::Complete,
+        ],
+    ];
+    let counts = Counts::default();
+    for ops in fixed {
+        check_every_crash_point(ops, &counts);
+    }
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    let mut runner = TestRunner::new(RunnerConfig {
+        cases,
+        failure_persistence: None,
+        ..RunnerConfig::default()
+    });
+    let result = runner.run(&proptest::collection::vec(op_with(1), 1..64), |ops| {
+        check_every_crash_point(&ops, &counts);
+        Ok(())
+    });
+    println!(
+        "engine crash property with an export destination: {} crash points, {} crash cases \
+         ({} random workloads with remote crashes)",
+        counts.points.load(Ordering::Relaxed),
+        counts.cases.load(Ordering::Relaxed),
+        cases
+    );
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    assert!(counts.points.load(Ordering::Relaxed) > 2_000);
 }
