@@ -492,6 +492,20 @@ impl State {
     }
 }
 
+/// The start index of `len` bytes at `offset`, or the error a read there
+/// gets: out of range, or EIO where reads were set to fail.
+fn readable(s: &State, offset: u64, len: usize) -> io::Result<usize> {
+    let start = check_range(s.live.len(), offset, len)?;
+    let end = offset + len as u64;
+    if s.failing_reads
+        .iter()
+        .any(|r| r.start < end && offset < r.end)
+    {
+        return Err(io::Error::from_raw_os_error(5));
+    }
+    Ok(start)
+}
+
 impl Storage for SimDisk {
     fn len(&self) -> io::Result<u64> {
         Ok(self.begin()?.live.len() as u64)
@@ -499,14 +513,7 @@ impl Storage for SimDisk {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let s = self.begin()?;
-        let start = check_range(s.live.len(), offset, buf.len())?;
-        let end = offset + buf.len() as u64;
-        if s.failing_reads
-            .iter()
-            .any(|r| r.start < end && offset < r.end)
-        {
-            return Err(io::Error::from_raw_os_error(5));
-        }
+        let start = readable(&s, offset, buf.len())?;
         buf.copy_from_slice(&s.live[start..start + buf.len()]);
         Ok(())
     }
@@ -518,14 +525,7 @@ impl Storage for SimDisk {
     // pending writes are the ones that sync makes durable.
     fn read_medium_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let s = self.begin()?;
-        let start = check_range(s.live.len(), offset, buf.len())?;
-        let end = offset + buf.len() as u64;
-        if s.failing_reads
-            .iter()
-            .any(|r| r.start < end && offset < r.end)
-        {
-            return Err(io::Error::from_raw_os_error(5));
-        }
+        let start = readable(&s, offset, buf.len())?;
         let mut medium = s.durable.clone();
         for write in s.pending.iter().filter(|w| !w.lost) {
             let at = write.offset as usize;
