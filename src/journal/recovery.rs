@@ -475,11 +475,16 @@ pub fn analyse(blocks: &[Result<Vec<u8>, String>]) -> Analysis {
         }
     };
     let mut frames = read_frames(blocks);
-    // Every block of a file is in the file's format: a block of a newer one
-    // comes from a newer writer, one of an older one is damage.
+    let uuid = elect_uuid(&frames);
+    // Every block of this journal is in the file's format: a block of a
+    // newer one comes from a newer writer, one of an older one is damage.
+    // A block of another journal is foreign whatever its format (checked
+    // after the election, so that it is outvoted and settled like any
+    // other foreign block).
     for (_, frame, _) in frames.iter_mut() {
         if let Ok(f) = frame
             && f.version != version
+            && Some(f.uuid) == uuid
         {
             *frame = Err(if f.version > version {
                 defect_text(&Defect::Version(f.version))
@@ -491,8 +496,6 @@ pub fn analyse(blocks: &[Result<Vec<u8>, String>]) -> Analysis {
             });
         }
     }
-
-    let uuid = elect_uuid(&frames);
 
     let mut seen: Vec<Seen> = frames
         .into_iter()
@@ -744,7 +747,12 @@ fn gather(seen: &[Seen]) -> Evidence {
             parent: Parent::ChainStart,
         };
     };
-    let copies_of_newest = records.iter().filter(|(f, _)| f.seq == s).count();
+    // The seal is a third copy for deciding, not one of the two the ring
+    // should hold: a lost ring copy still shows as damage (and a warning).
+    let copies_of_newest = records
+        .iter()
+        .filter(|(f, _)| f.seq == s && f.position != Position::Seal)
+        .count();
     let newest = if copies_of_newest >= 2 {
         Newest::TwoCopies
     } else {
@@ -848,10 +856,22 @@ fn recovered(
         _ => {}
     }
     if evidence.newest == Newest::OneCopy {
-        warnings.push(format!(
-            "only one copy of the newest record (seq {}) is valid",
-            frame.seq
-        ));
+        let copies = seen
+            .iter()
+            .filter_map(any_record)
+            .filter(|(f, _)| f.seq == frame.seq)
+            .count();
+        warnings.push(if copies > 1 {
+            format!(
+                "a ring copy of the newest record (seq {}) is damaged; the seal holds another",
+                frame.seq
+            )
+        } else {
+            format!(
+                "only one copy of the newest record (seq {}) is valid",
+                frame.seq
+            )
+        });
     }
     if evidence.parent == Parent::Unreadable {
         warnings
@@ -939,14 +959,20 @@ fn repairs(seen: &[Seen], newest: u64) -> Vec<Repair> {
             }
         }
     }
-    // The seal keeps a third copy of a newest record that changed sides.
-    let sealed = seen
-        .iter()
-        .filter_map(any_record)
-        .any(|(f, r)| f.seq == newest && r.phase.sealed());
-    if seen.len() > Position::Seal.block() && sealed {
-        let holds = valid_record(at(seen, Position::Seal)).is_some_and(|(f, _)| f.seq == newest);
-        if let (false, Some(&source)) = (holds, copies_of(newest).first()) {
+    // The seal keeps a third copy of the newest record that changed sides:
+    // S if it is one, else S-1 (a Completed after its Switched). Anything
+    // else found there (a misdirected block, damage) is replaced by it.
+    let sealed = [Some(newest), newest.checked_sub(1)]
+        .into_iter()
+        .flatten()
+        .find(|&seq| {
+            seen.iter()
+                .filter_map(any_record)
+                .any(|(f, r)| f.seq == seq && r.phase.sealed())
+        });
+    if let Some(sealed) = sealed.filter(|_| seen.len() > Position::Seal.block()) {
+        let holds = valid_record(at(seen, Position::Seal)).is_some_and(|(f, _)| f.seq == sealed);
+        if let (false, Some(&source)) = (holds, copies_of(sealed).first()) {
             wanted.push(Repair {
                 target: Position::Seal,
                 source,

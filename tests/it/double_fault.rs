@@ -256,3 +256,85 @@ fn the_seal_keeps_a_switch_whose_ring_copies_are_both_gone() {
         "the seal holds the Switched record again"
     );
 }
+
+/// A block of another journal in a format 1 journal is foreign whatever
+/// its format (another job's format 2 journal next to old ones is the
+/// common case): refused as `wrong-journal` and settled by resolve, not
+/// taken for a block of a newer writer.
+#[test]
+fn a_format_2_block_of_another_journal_in_a_format_1_journal_is_foreign() {
+    use livecopy::journal::format::{
+        FORMAT_V1, Frame, JOURNAL_LEN_V1, Kind, Position as P, encode,
+    };
+    use livecopy::journal::{HeaderV1, RefusalReason, payload};
+    let v1 = first_record().to_v1().expect("one pair of files");
+    let uuid = *b"test-journal-id1";
+    let header = payload::encode(&HeaderV1::new(v1.job_id, 1)).expect("header");
+    let record = payload::encode(&v1).expect("record");
+    let mut image = vec![0u8; JOURNAL_LEN_V1 as usize];
+    for position in P::all(FORMAT_V1) {
+        let frame = match position {
+            P::Header { .. } => {
+                Frame::of_version(1, Kind::Header, position, uuid, 0, 0, header.clone())
+            }
+            P::Slot { slot: 0, .. } => {
+                Frame::of_version(1, Kind::Record, position, uuid, 0, 0, record.clone())
+            }
+            _ => Frame::of_version(1, Kind::EmptySlot, position, uuid, 0, 0, Vec::new()),
+        };
+        let at = position.offset() as usize;
+        image[at..at + BLOCK_SIZE].copy_from_slice(&encode(&frame));
+    }
+    // Slot 3 of ring A gets a block of another journal, written in format 2.
+    let other = SimDisk::new(JOURNAL_LEN);
+    let mut theirs = crate::support::first_record_for("/other/a", "/other/b");
+    theirs.job_id = *b"other-job-000002";
+    Journal::format(other.clone(), *b"other-journal-id", theirs).expect("format");
+    let at = P::Slot { slot: 3, copy: 0 }.offset() as usize;
+    image[at..at + BLOCK_SIZE].copy_from_slice(&other.live_bytes()[at..at + BLOCK_SIZE]);
+    let analysis = journal::analyse(&SimDisk::from_bytes(image)).expect("analyse");
+    let reason = analysis.outcome.as_ref().err().map(|r| r.reason);
+    assert_eq!(
+        reason,
+        Some(RefusalReason::WrongJournal),
+        "{:?}",
+        analysis.row
+    );
+    assert!(journal::resolvable(&analysis), "resolve settles it");
+}
+
+/// A misdirected write that lands on the seal after the switch (here copy B
+/// of the Completed record) is repaired away: the seal gets the Switched
+/// record back, so the switch has three copies again.
+#[test]
+fn a_block_misdirected_onto_the_seal_after_the_switch_is_repaired() {
+    let images = images(&[Commit(Ready), Commit(Switched), Commit(Completed)]);
+    let (before, after) = (&images[2], &images[3]);
+    let b = Position::Slot { slot: 3, copy: 1 }.block();
+    let seal = Position::Seal.block();
+    let mut image = after.clone();
+    image[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE].copy_from_slice(block(before, b));
+    image[seal * BLOCK_SIZE..(seal + 1) * BLOCK_SIZE].copy_from_slice(block(after, b));
+    let disk = SimDisk::from_bytes(image);
+    let recovered = journal::analyse(&disk)
+        .expect("analyse")
+        .outcome
+        .expect("ok");
+    assert_eq!(recovered.seq, 3);
+    assert!(
+        recovered.repairs.iter().any(|r| r.target == Position::Seal),
+        "{:?}",
+        recovered.repairs
+    );
+    let repaired = journal::repair(&disk, &recovered, |_| Ok(())).expect("repair");
+    assert!(
+        repaired.recovered.warnings.is_empty(),
+        "{:?}",
+        repaired.recovered.warnings
+    );
+    assert_eq!(
+        block(&disk.live_bytes(), seal),
+        block(before, seal),
+        "the seal holds the Switched record again"
+    );
+}
