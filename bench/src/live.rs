@@ -37,23 +37,23 @@ use crate::writer::{self, Op, Window, Writer};
 use crate::{Ctx, human};
 
 /// Requests the writer completes before a QEMU copy starts.
-const WARM_OPS: u64 = 50;
+pub(crate) const WARM_OPS: u64 = 50;
 /// How long the writer goes on after a switch (so the switch is inside its run).
-const AFTER_SWITCH: Duration = Duration::from_millis(300);
+pub(crate) const AFTER_SWITCH: Duration = Duration::from_millis(300);
 
 #[derive(Debug, Clone, Default)]
-struct LiveRun {
-    ready_s: f64,
-    window: Option<Window>,
-    plain: Option<Window>,
-    fua: Option<Window>,
+pub(crate) struct LiveRun {
+    pub ready_s: f64,
+    pub window: Option<Window>,
+    pub plain: Option<Window>,
+    pub fua: Option<Window>,
     /// Every request's latency in the window, ms.
-    latencies: Vec<f64>,
-    pause_ms: f64,
+    pub latencies: Vec<f64>,
+    pub pause_ms: f64,
     /// From sending the switch (job-complete) to its answer (completion).
-    command_ms: f64,
-    felt_ms: f64,
-    writer_errors: usize,
+    pub command_ms: f64,
+    pub felt_ms: f64,
+    pub writer_errors: usize,
 }
 
 struct Qsd {
@@ -110,13 +110,17 @@ fn start_qsd(ctx: &Ctx, src: &Path, dst: Option<&Path>) -> Res<Qsd> {
     Ok(Qsd { guard, qmp, nbd })
 }
 
-fn ready_timeout(ctx: &Ctx) -> Duration {
+pub(crate) fn ready_timeout(ctx: &Ctx) -> Duration {
     Duration::from_secs(if ctx.quick { 30 } else { 90 })
 }
 
 /// The writer's figures over the copy: from `from` (or its first request,
 /// if later) to `to`.
-fn copy_windows(ops: &[Op], from: Instant, to: Instant) -> (Window, Window, Window, Vec<f64>) {
+pub(crate) fn copy_windows(
+    ops: &[Op],
+    from: Instant,
+    to: Instant,
+) -> (Window, Window, Window, Vec<f64>) {
     let start = ops.first().map(|o| o.at.max(from)).unwrap_or(from);
     let latencies = ops
         .iter()
@@ -320,29 +324,29 @@ fn qemu_unloaded(ctx: &Ctx, seed: u64) -> Res<Windows> {
 }
 
 #[derive(Default)]
-struct Series {
-    ready: Vec<f64>,
-    tput: Vec<f64>,
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    plain_p99: Vec<f64>,
+pub(crate) struct Series {
+    pub ready: Vec<f64>,
+    pub tput: Vec<f64>,
+    pub p50: Vec<f64>,
+    pub p99: Vec<f64>,
+    pub plain_p99: Vec<f64>,
     /// Every request's latency, all runs together.
-    pooled: Vec<f64>,
-    fua_p50: Vec<f64>,
-    pause: Vec<f64>,
-    command: Vec<f64>,
-    felt: Vec<f64>,
-    raw: Vec<Value>,
+    pub pooled: Vec<f64>,
+    pub fua_p50: Vec<f64>,
+    pub pause: Vec<f64>,
+    pub command: Vec<f64>,
+    pub felt: Vec<f64>,
+    pub raw: Vec<Value>,
 }
 
-fn push(v: &mut Vec<f64>, x: f64) {
+pub(crate) fn push(v: &mut Vec<f64>, x: f64) {
     if x.is_finite() {
         v.push(x);
     }
 }
 
 impl Series {
-    fn add(&mut self, r: &LiveRun) {
+    pub(crate) fn add(&mut self, r: &LiveRun) {
         push(&mut self.ready, r.ready_s);
         push(&mut self.pause, r.pause_ms);
         push(&mut self.felt, r.felt_ms);
@@ -727,7 +731,7 @@ pub fn run(ctx: &mut Ctx) -> Res<()> {
     Ok(())
 }
 
-fn show(r: &LiveRun) -> String {
+pub(crate) fn show(r: &LiveRun) -> String {
     format!(
         "ready {:.3} s, {}, switch pause {:.2} ms, longest request across it {:.1} ms",
         r.ready_s,
@@ -737,7 +741,7 @@ fn show(r: &LiveRun) -> String {
     )
 }
 
-fn show_window(w: &Window) -> String {
+pub(crate) fn show_window(w: &Window) -> String {
     format!(
         "writer {:.1} MiB/s ({} requests), p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
         w.mib_s, w.ops, w.p50_ms, w.p99_ms, w.max_ms

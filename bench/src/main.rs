@@ -7,7 +7,7 @@
 //! bench/run --quick    # smoke: small images, 1 repetition; writes target/bench-work/BENCHMARKS.quick.md
 //! ```
 //!
-//! Options: `--reps N`, `--only 1,3,5` (scenario numbers), `--work DIR`,
+//! Options: `--reps N`, `--only 1,3,5` (scenario numbers, 1-8), `--work DIR`,
 //! `--out FILE`, `--copyctl PATH`, `--tuning '--workers 4'` (extra options
 //! for `copyctl copy` and `copyctl serve`). Timing never asserts anything: the
 //! harness reports figures and says which targets they meet.
@@ -17,6 +17,7 @@ mod util;
 mod journal;
 mod live;
 mod qmp;
+mod remote;
 mod report;
 mod serving;
 mod simple;
@@ -235,7 +236,7 @@ fn real_main() -> Res<()> {
     let started = Instant::now();
     let wanted = |n: u32| args.only.as_ref().is_none_or(|s| s.contains(&n));
 
-    let needs_full = [1, 3, 4, 6, 7].iter().any(|&n| wanted(n));
+    let needs_full = [1, 3, 4, 6, 7, 8].iter().any(|&n| wanted(n));
     if needs_full {
         let t = Instant::now();
         util::write_full_image(&ctx.full_image(), ctx.sizes.full.max(ctx.sizes.live), 1)?;
@@ -246,7 +247,7 @@ fn real_main() -> Res<()> {
         );
     }
     type Scenario = fn(&mut Ctx) -> Res<()>;
-    let scenarios: [(u32, &str, Scenario); 7] = [
+    let scenarios: [(u32, &str, Scenario); 8] = [
         (5, "journal commit vs pwrite + fdatasync", journal::run),
         (1, "bulk copy", simple::bulk),
         (2, "sparse copy", simple::sparse),
@@ -254,6 +255,11 @@ fn real_main() -> Res<()> {
         (6, "recover", simple::recover),
         (4, "NBD serving", serving::run),
         (3, "live copy under a writer", live::run),
+        (
+            8,
+            "remote: live copy into an export in another network namespace",
+            remote::run,
+        ),
     ];
     for (n, name, f) in scenarios {
         if !wanted(n) {
@@ -459,6 +465,73 @@ fn targets(r: &mut Report) {
             ),
             Some(loaded <= 5.0 * unloaded),
         );
+    }
+    // 8. Remote.
+    for (key, what) in [
+        ("lan", "no added latency".to_string()),
+        ("delay", format!("+{} ms per request", remote::DELAY_MS)),
+    ] {
+        if let (Some(ours), Some(q)) = (
+            f(r, &format!("remote.ready.{key}.ours")),
+            f(r, &format!("remote.ready.{key}.peer")),
+        ) {
+            r.target(
+                &format!("8. remote ({what}): time to Ready no slower than QEMU write-blocking"),
+                format!("{} s vs {} s: ratio {:.2}", fmt(ours), fmt(q), ours / q),
+                Some(ours <= q),
+            );
+        }
+        if let (Some(ours), Some(q)) = (
+            f(r, &format!("remote.tput.{key}.ours")),
+            f(r, &format!("remote.tput.{key}.peer")),
+        ) {
+            r.target(
+                &format!(
+                    "8. remote ({what}): writer throughput during the copy at least 10x QEMU write-blocking's"
+                ),
+                format!(
+                    "{} MiB/s vs {} MiB/s: ratio {:.2} (needs >= 10)",
+                    fmt(ours),
+                    fmt(q),
+                    ours / q
+                ),
+                Some(ours >= 10.0 * q),
+            );
+        }
+        if let (Some(ours), Some(q)) = (
+            f(r, &format!("remote.pause.{key}.ours")),
+            f(r, &format!("remote.pause.{key}.peer")),
+        ) {
+            r.target(
+                &format!(
+                    "8. remote ({what}): switch pause under load at most a tenth of QEMU write-blocking's"
+                ),
+                format!(
+                    "{} ms vs {} ms: ratio {:.2} (needs <= 0.10)",
+                    fmt(ours),
+                    fmt(q),
+                    ours / q
+                ),
+                Some(ours <= q / 10.0),
+            );
+        }
+        for (peer, name) in [
+            ("convert", "`qemu-img convert -n -t none`"),
+            ("nbdcopy", "`nbdcopy --flush`"),
+        ] {
+            if let (Some(ours), Some(p)) = (
+                f(r, &format!("remote.copy.{peer}.{key}.ours")),
+                f(r, &format!("remote.copy.{peer}.{key}.peer")),
+            ) {
+                r.target(
+                    &format!(
+                        "8. remote ({what}): a plain copy into the export at most 1.0x {name}"
+                    ),
+                    format!("{} s vs {} s: ratio {:.2}", fmt(ours), fmt(p), ours / p),
+                    Some(ours <= p),
+                );
+            }
+        }
     }
     // 4. NBD.
     for (key, what) in [

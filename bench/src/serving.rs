@@ -34,12 +34,25 @@ impl Serve {
 
 /// Starts `copyctl serve` and waits for its "serving" line.
 pub fn start_serve(ctx: &Ctx, journal: &Path, src: &Path, dst: &Path, tag: &str) -> Res<Serve> {
+    start_serve_in(ctx, None, journal, src, dst, tag)
+}
+
+/// The same, in a network namespace (`ip netns exec NS`) when one is
+/// given; `src` and `dst` may be NBD URIs.
+pub fn start_serve_in(
+    ctx: &Ctx,
+    netns: Option<&str>,
+    journal: &Path,
+    src: &Path,
+    dst: &Path,
+    tag: &str,
+) -> Res<Serve> {
     let nbd = ctx.path(&format!("{tag}.nbd"));
     let control = ctx.path(&format!("{tag}.ctl"));
     remove(&nbd)?;
     remove(&control)?;
     let log = std::fs::File::create(ctx.path(&format!("{tag}-serve.log"))).ctx(|| "log".into())?;
-    let mut cmd = Command::new(&ctx.copyctl);
+    let mut cmd = crate::util::command_in(netns, &ctx.copyctl);
     cmd.args(["--output", "json", "serve"])
         .args(&ctx.tuning)
         .arg("--journal")

@@ -100,6 +100,19 @@ pub fn run_timed(cmd: &mut Command) -> Res<(Duration, Output)> {
     Ok((elapsed, output))
 }
 
+/// `program`, run in network namespace `netns` through `ip netns exec`
+/// when one is given (ip execs it: the child's pid is the program's).
+pub fn command_in(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 pub fn run(cmd: &mut Command) -> Res<Output> {
     run_timed(cmd).map(|(_, o)| o)
 }

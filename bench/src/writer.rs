@@ -12,7 +12,7 @@
 //! a guest that writes and now and then needs its data durable.
 
 use std::io::Write;
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -71,7 +71,13 @@ pub struct Window {
 impl Writer {
     /// Starts qemu-io on `uri` writing at random over `size` bytes.
     pub fn start(uri: &str, size: u64, seed: u64) -> Res<Writer> {
-        let mut cmd = Command::new("stdbuf");
+        Writer::start_in(None, uri, size, seed)
+    }
+
+    /// The same, run in a network namespace (`ip netns exec NS`) when one
+    /// is given.
+    pub fn start_in(netns: Option<&str>, uri: &str, size: u64, seed: u64) -> Res<Writer> {
+        let mut cmd = crate::util::command_in(netns, "stdbuf");
         cmd.args(["-oL", "qemu-io", "-f", "raw", "-t", "writeback", uri])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
