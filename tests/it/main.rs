@@ -17,6 +17,7 @@ mod nbd;
 mod nbd_client;
 mod recovery_table;
 mod remote;
+mod remote_serve;
 mod resolve;
 mod restart;
 mod serve;
