@@ -15,6 +15,7 @@ mod medium;
 mod model;
 mod nbd;
 mod nbd_client;
+mod netns;
 mod recovery_table;
 mod remote;
 mod remote_serve;
