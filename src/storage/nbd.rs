@@ -756,6 +756,9 @@ struct Connection {
     reader: Option<JoinHandle<()>>,
     /// A handle to shut the socket down when dropped (the reader blocks).
     closer: Stream,
+    /// When the connection was made: only connections made before another
+    /// one dropped may have reached the server instance that dropped it.
+    opened: Instant,
 }
 
 impl Connection {
@@ -794,6 +797,7 @@ impl Connection {
             shared,
             reader: Some(reader),
             closer,
+            opened: Instant::now(),
         })
     }
 

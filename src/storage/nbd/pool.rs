@@ -296,12 +296,15 @@ impl Pool {
         // of the server, which may lose what it acknowledged on any of its
         // connections: with multi-conn, the others may not have noticed
         // yet, and a FLUSH on one reconnected in the meantime would not
-        // cover their writes. So every unflushed write counts.
+        // cover their writes. So every unflushed write of a connection
+        // made before this drop counts (one made since reached a server
+        // that was up after it).
         let flushed = self.flushed.load(Ordering::SeqCst);
         let others = self
             .links
             .iter()
             .filter_map(|l| l.lock().conn.clone())
+            .filter(|c| c.opened < broken.at)
             .map(|c| c.last_write());
         if std::iter::once(conn.last_write())
             .chain(others)
