@@ -43,8 +43,9 @@
 //!   one is refused (the export changed) and the attempt counts as failed.
 //! - Writes the lost connection had acknowledged but no FLUSH had covered
 //!   may be gone with a restarted server (the spec promises durability
-//!   only after a FLUSH reply). A FLUSH on the new connection does not
-//!   cover them, so the next `sync_data` fails with EIO, once, instead of
+//!   only after a FLUSH reply), and so may those of every other
+//!   connection to it (multi-conn), noticed down or not yet. A FLUSH on
+//!   a new connection does not cover them, so the next `sync_data` fails with EIO, once, instead of
 //!   acknowledging a flush the server never gave for those writes. FUA
 //!   writes are not in doubt: their reply was their durability.
 //! - A protocol violation never reconnects: once a server sent a reply we
@@ -755,6 +756,9 @@ struct Connection {
     reader: Option<JoinHandle<()>>,
     /// A handle to shut the socket down when dropped (the reader blocks).
     closer: Stream,
+    /// When the connection was made: only connections made before another
+    /// one dropped may have reached the server instance that dropped it.
+    opened: Instant,
 }
 
 impl Connection {
@@ -793,6 +797,7 @@ impl Connection {
             shared,
             reader: Some(reader),
             closer,
+            opened: Instant::now(),
         })
     }
 

@@ -12,16 +12,16 @@ use crate::nbd_client::Server;
 use crate::support::run_copyctl;
 
 const MIB: u64 = 1 << 20;
-const SIZE: u64 = 16 * MIB;
+pub(crate) const SIZE: u64 = 16 * MIB;
 
 /// A patterned file of `SIZE` bytes with a hole in its middle.
-fn patterned(path: &Path) {
+pub(crate) fn patterned(path: &Path) {
     let mut bytes: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 251) as u8 + 1).collect();
     bytes[(4 * MIB) as usize..(8 * MIB) as usize].fill(0);
     std::fs::write(path, bytes).expect("write the source");
 }
 
-fn qemu_img(args: &[&str]) {
+pub(crate) fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img")
         .args(args)
         .output()
@@ -35,7 +35,7 @@ fn qemu_img(args: &[&str]) {
 
 /// qemu-storage-daemon exporting `image` (of `format`) as `disk0`,
 /// writable, on a Unix socket; returns the server and the export's URI.
-fn export(dir: &Path, image: &Path, format: &str, tag: &str) -> (Server, String) {
+pub(crate) fn export(dir: &Path, image: &Path, format: &str, tag: &str) -> (Server, String) {
     let socket = dir.join(format!("qsd-{tag}.sock"));
     let server = Server::start(
         "qemu-storage-daemon",
@@ -58,11 +58,11 @@ fn export(dir: &Path, image: &Path, format: &str, tag: &str) -> (Server, String)
     (server, uri)
 }
 
-fn path(p: &Path) -> &str {
+pub(crate) fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 test path")
 }
 
-fn recover_json(journal: &Path) -> Value {
+pub(crate) fn recover_json(journal: &Path) -> Value {
     let run = run_copyctl(&["--output", "json", "recover", path(journal)]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     serde_json::from_str(&run.stdout).expect("recover JSON")

@@ -24,23 +24,23 @@ use serde_json::{Value, json};
 use crate::support::{run_copyctl, spawning};
 
 const COPYCTL: &str = env!("CARGO_BIN_EXE_copyctl");
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
+pub(crate) const KIB: u64 = 1 << 10;
+pub(crate) const MIB: u64 = 1 << 20;
 /// The unit the guest writes in the kill test, and the patterned unit of
 /// every source image here.
-const REGION: u64 = 64 * KIB;
+pub(crate) const REGION: u64 = 64 * KIB;
 /// How long one QEMU tool or short copyctl run may take.
-const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ------------------------------------------------------------ processes
 
 /// A child process, killed (SIGKILL) and reaped when dropped.
-struct Proc {
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
 }
 
 impl Proc {
-    fn spawn<I, S>(program: &str, args: I, stdout: Stdio, stderr: Stdio) -> Proc
+    pub(crate) fn spawn<I, S>(program: &str, args: I, stdout: Stdio, stderr: Stdio) -> Proc
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
@@ -59,7 +59,7 @@ impl Proc {
     }
 
     /// SIGKILL, then reap. Harmless on a process that already ended.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -72,14 +72,14 @@ impl Drop for Proc {
 }
 
 /// What a finished tool run left behind.
-struct Tool {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Tool {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Tool {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         format!(
             "exit {}\n--- stdout:\n{}\n--- stderr:\n{}",
             self.code, self.stdout, self.stderr
@@ -87,7 +87,7 @@ impl Tool {
     }
 
     /// Both streams.
-    fn all(&self) -> String {
+    pub(crate) fn all(&self) -> String {
         format!("{}\n{}", self.stdout, self.stderr)
     }
 }
@@ -95,7 +95,7 @@ impl Tool {
 /// Runs `program` to its end, killing it (and failing the test) if it takes
 /// longer than `timeout`. Both streams are drained while it runs, so a
 /// chatty tool never blocks on a full pipe.
-fn tool<I, S>(program: &str, args: I, timeout: Duration) -> Tool
+pub(crate) fn tool<I, S>(program: &str, args: I, timeout: Duration) -> Tool
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -148,7 +148,7 @@ where
 }
 
 /// qemu-io over `target` (an NBD URL or an image file) in raw format.
-fn qemu_io<S: AsRef<str>>(target: &str, options: &[&str], commands: &[S]) -> Tool {
+pub(crate) fn qemu_io<S: AsRef<str>>(target: &str, options: &[&str], commands: &[S]) -> Tool {
     let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
     args.extend(options.iter().map(|s| s.to_string()));
     args.push(target.into());
@@ -161,7 +161,7 @@ fn qemu_io<S: AsRef<str>>(target: &str, options: &[&str], commands: &[S]) -> Too
 
 /// Asserts that a qemu-io run did every write and read it was given and
 /// that nothing failed (pattern checks included).
-fn assert_io_ok(out: &Tool, writes: usize, reads: usize) {
+pub(crate) fn assert_io_ok(out: &Tool, writes: usize, reads: usize) {
     let all = out.all();
     assert!(
         out.code == 0 && !all.contains("failed") && !all.contains("Pattern verification"),
@@ -174,7 +174,7 @@ fn assert_io_ok(out: &Tool, writes: usize, reads: usize) {
 
 /// qemu-io's "wrote N/N bytes at offset X" (or "read ...") lines: complete
 /// transfers only.
-fn count_done(stdout: &str, verb: &str) -> usize {
+pub(crate) fn count_done(stdout: &str, verb: &str) -> usize {
     stdout
         .lines()
         .filter(|line| {
@@ -195,17 +195,17 @@ fn nbd_url(socket: &Path) -> String {
 // ------------------------------------------------------------ images
 
 /// The byte region `region` of every source image here is filled with.
-fn source_byte(region: u64) -> u8 {
+pub(crate) fn source_byte(region: u64) -> u8 {
     ((region + 128) % 255 + 1) as u8
 }
 
 /// The byte the kill test's guest writes into `region`: unique per region
 /// modulo 255, never zero, never the source's byte there.
-fn guest_byte(region: u64) -> u8 {
+pub(crate) fn guest_byte(region: u64) -> u8 {
     (region % 255 + 1) as u8
 }
 
-fn source_contents(size: u64) -> Vec<u8> {
+pub(crate) fn source_contents(size: u64) -> Vec<u8> {
     let mut data = vec![0u8; size as usize];
     for (region, chunk) in data.chunks_mut(REGION as usize).enumerate() {
         chunk.fill(source_byte(region as u64));
@@ -214,11 +214,14 @@ fn source_contents(size: u64) -> Vec<u8> {
 }
 
 /// A job's files in a fresh temporary directory.
-struct Layout {
-    dir: tempfile::TempDir,
-    source: PathBuf,
-    dest: PathBuf,
-    journal: PathBuf,
+pub(crate) struct Layout {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) source: PathBuf,
+    pub(crate) dest: PathBuf,
+    pub(crate) journal: PathBuf,
+    /// The destination as `serve` is given it when it is not the path
+    /// `dest` (an NBD URI).
+    pub(crate) dest_arg: Option<String>,
 }
 
 impl Layout {
@@ -228,7 +231,7 @@ impl Layout {
         Layout::with_source(&source_contents(size))
     }
 
-    fn with_source(contents: &[u8]) -> Layout {
+    pub(crate) fn with_source(contents: &[u8]) -> Layout {
         let dir = tempfile::tempdir().expect("tempdir");
         let source = dir.path().join("source.img");
         std::fs::write(&source, contents).expect("write source");
@@ -236,11 +239,12 @@ impl Layout {
             source,
             dest: dir.path().join("dest.img"),
             journal: dir.path().join("copy.journal"),
+            dest_arg: None,
             dir,
         }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
@@ -251,7 +255,12 @@ impl Layout {
         for (flag, path) in [
             ("--journal", self.journal.clone()),
             ("--source", self.source.clone()),
-            ("--dest", self.dest.clone()),
+            (
+                "--dest",
+                self.dest_arg
+                    .as_ref()
+                    .map_or_else(|| self.dest.clone(), PathBuf::from),
+            ),
             ("--socket", self.nbd(tag)),
             ("--control", self.ctl(tag)),
         ] {
@@ -262,16 +271,16 @@ impl Layout {
         args
     }
 
-    fn nbd(&self, tag: &str) -> PathBuf {
+    pub(crate) fn nbd(&self, tag: &str) -> PathBuf {
         self.path(&format!("nbd{tag}.sock"))
     }
 
-    fn ctl(&self, tag: &str) -> PathBuf {
+    pub(crate) fn ctl(&self, tag: &str) -> PathBuf {
         self.path(&format!("ctl{tag}.sock"))
     }
 
     /// Starts serve; panics (with its stderr) if it does not serve.
-    fn serve(&self, tag: &str, extra: &[&str]) -> Serve {
+    pub(crate) fn serve(&self, tag: &str, extra: &[&str]) -> Serve {
         match Serve::try_start(self, tag, extra) {
             Ok(serve) => serve,
             Err(run) => panic!("serve did not start:\n{}", run.text()),
@@ -282,10 +291,10 @@ impl Layout {
 // ------------------------------------------------------------ serve
 
 /// A running `copyctl serve`.
-struct Serve {
+pub(crate) struct Serve {
     proc: Proc,
     /// The "serving" announcement.
-    announced: Value,
+    pub(crate) announced: Value,
     /// What it printed on stdout so far.
     stdout_path: PathBuf,
     stderr_path: PathBuf,
@@ -296,7 +305,7 @@ struct Serve {
 impl Serve {
     /// Starts serve and waits for its announcement; `Err` with its output if
     /// it exited instead.
-    fn try_start(layout: &Layout, tag: &str, extra: &[&str]) -> Result<Serve, Tool> {
+    pub(crate) fn try_start(layout: &Layout, tag: &str, extra: &[&str]) -> Result<Serve, Tool> {
         let stdout_path = layout.path(&format!("serve{tag}.out"));
         let stderr_path = layout.path(&format!("serve{tag}.err"));
         let stdout = std::fs::File::create(&stdout_path).expect("serve stdout");
@@ -340,21 +349,21 @@ impl Serve {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         nbd_url(&self.nbd)
     }
 
-    fn control(&self) -> Control {
+    pub(crate) fn control(&self) -> Control {
         Control::connect(&self.ctl)
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
     /// SIGKILL and reap; asserts it was still running (it must never exit
     /// on its own).
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let before = self.proc.child.try_wait().expect("wait");
         assert!(
             before.is_none(),
@@ -368,7 +377,7 @@ impl Serve {
 }
 
 /// One control-socket connection.
-struct Control {
+pub(crate) struct Control {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
 }
@@ -386,7 +395,7 @@ impl Control {
         }
     }
 
-    fn send(&mut self, bytes: &[u8]) {
+    pub(crate) fn send(&mut self, bytes: &[u8]) {
         self.writer
             .write_all(bytes)
             .expect("send to control socket");
@@ -408,12 +417,12 @@ impl Control {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
     }
 
-    fn request(&mut self, command: &str) -> Value {
+    pub(crate) fn request(&mut self, command: &str) -> Value {
         self.send(format!("{}\n", json!({ "command": command })).as_bytes());
         self.reply()
     }
 
-    fn phase(&mut self) -> String {
+    pub(crate) fn phase(&mut self) -> String {
         let reply = self.request("status");
         assert_eq!(reply["ok"], true, "{reply}");
         reply["result"]["phase"]
@@ -422,7 +431,7 @@ impl Control {
             .to_string()
     }
 
-    fn wait_phase(&mut self, want: &str, timeout: Duration) {
+    pub(crate) fn wait_phase(&mut self, want: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let phase = self.phase();
@@ -453,7 +462,7 @@ fn run(args: &[&str]) -> crate::support::Run {
     run_copyctl(args)
 }
 
-fn path_str(path: &Path) -> &str {
+pub(crate) fn path_str(path: &Path) -> &str {
     path.to_str().expect("UTF-8 path")
 }
 
@@ -1195,10 +1204,10 @@ fn serve_announces_itself_in_one_json_line() {
 // ------------------------------------------------------------ 4. kills
 
 /// splitmix64: small, seedable, good enough to spread kills.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -1206,11 +1215,11 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
 
-    fn shuffle<T>(&mut self, items: &mut [T]) {
+    pub(crate) fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
             let j = self.below(i as u64 + 1) as usize;
             items.swap(i, j);
@@ -1250,15 +1259,15 @@ impl Target {
 }
 
 /// One qemu-io invocation of the guest.
-struct Batch {
-    regions: Vec<u64>,
+pub(crate) struct Batch {
+    pub(crate) regions: Vec<u64>,
     /// Every write and the flush succeeded.
-    acked: bool,
+    pub(crate) acked: bool,
 }
 
 /// The guest: batches of 64 KiB pattern writes on distinct regions, each
 /// followed by a flush, until told to stop or out of regions.
-fn guest_writer(
+pub(crate) fn guest_writer(
     url: &str,
     order: &[u64],
     seed: u64,
@@ -1293,7 +1302,7 @@ fn guest_writer(
 
 /// Sets the flag when dropped, so a panicking test stops its writer before
 /// the thread scope waits for it.
-struct StopOnDrop<'a>(&'a AtomicBool);
+pub(crate) struct StopOnDrop<'a>(pub(crate) &'a AtomicBool);
 
 impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
@@ -1301,7 +1310,7 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
-fn wait_acked(acked: &AtomicUsize, at_least: usize, what: &str) {
+pub(crate) fn wait_acked(acked: &AtomicUsize, at_least: usize, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while acked.load(Ordering::Acquire) < at_least {
         assert!(

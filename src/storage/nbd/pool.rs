@@ -292,8 +292,24 @@ impl Pool {
             state.conn.take()
         };
         // The reader numbered every write it saw acknowledged before the
-        // connection broke, so this sees them all.
-        if conn.last_write() > self.flushed.load(Ordering::SeqCst) {
+        // connection broke, so this sees them all. A drop may be a restart
+        // of the server, which may lose what it acknowledged on any of its
+        // connections: with multi-conn, the others may not have noticed
+        // yet, and a FLUSH on one reconnected in the meantime would not
+        // cover their writes. So every unflushed write of a connection
+        // made before this drop counts (one made since reached a server
+        // that was up after it).
+        let flushed = self.flushed.load(Ordering::SeqCst);
+        let others = self
+            .links
+            .iter()
+            .filter_map(|l| l.lock().conn.clone())
+            .filter(|c| c.opened < broken.at)
+            .map(|c| c.last_write());
+        if std::iter::once(conn.last_write())
+            .chain(others)
+            .any(|w| w > flushed)
+        {
             self.doubts.fetch_add(1, Ordering::SeqCst);
         }
         link.changed.notify_all();
