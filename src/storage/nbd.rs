@@ -169,10 +169,10 @@ impl NbdStorage {
                 "{address}: NBD over TLS is not supported yet; use nbd:// or nbd+unix://"
             )));
         }
-        let seq = Arc::new(AtomicU64::new(0));
-        let first = open(address, writable, HANDSHAKE_TIMEOUT, &seq)?;
+        let ledger = Arc::new(Ledger::default());
+        let first = open(address, writable, HANDSHAKE_TIMEOUT, &ledger)?;
         let info = first.info;
-        let pool = Pool::new(address.clone(), writable, options, first, seq);
+        let pool = Pool::new(address.clone(), writable, options, first, ledger);
         Ok(NbdStorage {
             address: address.clone(),
             info,
@@ -420,7 +420,7 @@ fn open(
     address: &NbdAddress,
     writable: bool,
     timeout: Duration,
-    seq: &Arc<AtomicU64>,
+    ledger: &Arc<Ledger>,
 ) -> Result<Connection> {
     let what = |e: io::Error| Error::InvalidInput(format!("{address}: {e}"));
     let stream = dial(&address.endpoint, timeout).map_err(|e| Error::Io {
@@ -445,7 +445,83 @@ fn open(
              made durable"
         )));
     }
-    Connection::start(reader, writer, info, Arc::clone(seq)).map_err(what)
+    Connection::start(reader, writer, info, Arc::clone(ledger)).map_err(what)
+}
+
+/// Which acknowledged writes a FLUSH can vouch for, shared by every
+/// connection of one export.
+///
+/// A FLUSH covers the writes its server instance replied to before it; a
+/// server that restarted may have lost the rest. We cannot see instances,
+/// only connections: each connection belongs to the *epoch* of drops seen
+/// when it was opened. A connection of epoch `f` that is alive talks to an
+/// instance that has been up since it opened (a restart would have ended
+/// it), so a FLUSH it answers covers every write acknowledged on
+/// connections of epoch `f` or later. A write acknowledged on a connection
+/// of an earlier epoch, and not yet flushed, may have been acknowledged by
+/// an instance that is gone: that FLUSH must not vouch for it. Counting by
+/// epoch, not by what a drop saw, also catches a reply parsed after the
+/// drop was handled (a late segment, a slow reader thread).
+#[derive(Default)]
+pub(super) struct Ledger {
+    /// Numbers acknowledged writes.
+    seq: AtomicU64,
+    /// Connection drops seen so far.
+    epoch: AtomicU64,
+    /// Per epoch, the lowest and highest numbers of the writes acknowledged
+    /// (without FUA) on connections of that epoch and not yet covered by a
+    /// FLUSH (the lowest may be below the true one: never above it).
+    unflushed: Mutex<BTreeMap<u64, (u64, u64)>>,
+}
+
+impl Ledger {
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// A connection of `epoch` was lost: connections made from now on are
+    /// of a new epoch. Only a loss on a connection of the current epoch is
+    /// news: the older connections of a pool die one by one after the
+    /// same restart, and each of them must not make the connections that
+    /// replaced the first ones look older than they are.
+    pub(super) fn dropped(&self, epoch: u64) {
+        let _ = self
+            .epoch
+            .compare_exchange(epoch, epoch + 1, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Numbers a write acknowledged on a connection of `epoch`.
+    fn acknowledged(&self, epoch: u64) -> u64 {
+        let mut unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+        let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let entry = unflushed.entry(epoch).or_insert((n, n));
+        entry.1 = entry.1.max(n);
+        n
+    }
+
+    /// The number of the last write acknowledged so far: what a FLUSH sent
+    /// now covers.
+    pub(super) fn covers(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
+    /// A FLUSH sent when `covers` was current succeeded on a connection of
+    /// `epoch`. Returns false when it cannot vouch for every write it had
+    /// to cover (some were acknowledged on an older epoch's connection);
+    /// those are then reported, once.
+    pub(super) fn flushed(&self, epoch: u64, covers: u64) -> bool {
+        let mut unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+        let doubt = unflushed
+            .iter()
+            .any(|(&e, &(first, _))| e < epoch && first <= covers);
+        // Covered (or reported): every write up to `covers`. Writes
+        // acknowledged after the FLUSH was sent wait for the next one.
+        unflushed.retain(|_, range| {
+            range.0 = range.0.max(covers + 1);
+            range.0 <= range.1
+        });
+        !doubt
+    }
 }
 
 fn dial(endpoint: &Endpoint, timeout: Duration) -> io::Result<Stream> {
@@ -689,11 +765,6 @@ struct State {
     waiting: HashMap<u64, Waiter>,
     /// Set once; every request fails from then on.
     broken: Option<Broken>,
-    /// The storage-wide sequence number of the last write this connection
-    /// acknowledged without FUA. Assigned by the reader as the reply is
-    /// parsed, so that it is in place before the connection can be
-    /// declared broken and before any caller learns of the reply.
-    last_write: u64,
 }
 
 struct Shared {
@@ -701,7 +772,9 @@ struct Shared {
     replied: Condvar,
     /// Shared by every connection of one storage: numbers acknowledged
     /// writes, so that a FLUSH knows which ones it covers.
-    seq: Arc<AtomicU64>,
+    ledger: Arc<Ledger>,
+    /// This connection's epoch (see [`Ledger`]).
+    epoch: u64,
 }
 
 impl Shared {
@@ -727,7 +800,9 @@ impl Shared {
         };
         waiter.done = true;
         if waiter.dirties && waiter.error.is_none() {
-            state.last_write = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+            // Numbered by the reader as the reply is parsed: before any
+            // caller learns of it, so a FLUSH sent afterwards covers it.
+            self.ledger.acknowledged(self.epoch);
         }
     }
 }
@@ -756,9 +831,6 @@ struct Connection {
     reader: Option<JoinHandle<()>>,
     /// A handle to shut the socket down when dropped (the reader blocks).
     closer: Stream,
-    /// When the connection was made: only connections made before another
-    /// one dropped may have reached the server instance that dropped it.
-    opened: Instant,
 }
 
 impl Connection {
@@ -766,12 +838,13 @@ impl Connection {
         reader: Stream,
         writer: Stream,
         info: ExportInfo,
-        seq: Arc<AtomicU64>,
+        ledger: Arc<Ledger>,
     ) -> io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             replied: Condvar::new(),
-            seq,
+            epoch: ledger.epoch(),
+            ledger,
         });
         let closer = writer.try_clone()?;
         let for_reader = Arc::clone(&shared);
@@ -797,7 +870,6 @@ impl Connection {
             shared,
             reader: Some(reader),
             closer,
-            opened: Instant::now(),
         })
     }
 
@@ -850,11 +922,6 @@ impl Connection {
             )));
         }
         Ok(waiter.extents)
-    }
-
-    /// The number of the last write acknowledged here without FUA.
-    fn last_write(&self) -> u64 {
-        self.shared.lock().last_write
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1166,7 +1233,8 @@ pub(crate) fn fuzz_replies(bytes: &[u8]) {
     let shared = Shared {
         state: Mutex::new(State::default()),
         replied: Condvar::new(),
-        seq: Arc::new(AtomicU64::new(0)),
+        ledger: Arc::default(),
+        epoch: 0,
     };
     let expects = [
         Expect::Read {

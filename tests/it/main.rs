@@ -15,6 +15,7 @@ mod medium;
 mod model;
 mod nbd;
 mod nbd_client;
+mod nbd_client_races;
 mod netns;
 mod recovery_table;
 mod remote;

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{Broken, Connection, ExportInfo, Failure, NbdOptions, lost, open};
+use super::{Broken, Connection, ExportInfo, Failure, Ledger, NbdOptions, lost, open};
 use crate::nbd::proto::{self, Command};
 use crate::nbd::structured::Extent;
 use crate::storage::location::NbdAddress;
@@ -47,14 +47,9 @@ pub(super) struct Pool {
     budget: Option<Duration>,
     /// Set by `only_copy`: reconnecting is allowed from then on.
     only_copy: AtomicBool,
-    /// Numbers acknowledged writes; shared with every connection's reader.
-    seq: Arc<AtomicU64>,
-    /// Every write numbered up to this was covered by a successful FLUSH.
-    flushed: AtomicU64,
-    /// Connections lost while holding acknowledged writes no FLUSH had
-    /// covered, and how many of those losses a failed flush has reported.
-    doubts: AtomicU64,
-    reported: AtomicU64,
+    /// Numbers acknowledged writes and tells which a FLUSH vouches for;
+    /// shared with every connection's reader.
+    ledger: Arc<Ledger>,
     /// A protocol violation on any connection: the server is not trusted
     /// again.
     poisoned: Mutex<Option<String>>,
@@ -116,7 +111,7 @@ impl Pool {
         writable: bool,
         options: NbdOptions,
         first: Connection,
-        seq: Arc<AtomicU64>,
+        ledger: Arc<Ledger>,
     ) -> Pool {
         let info = first.info;
         let mut links = vec![Link::new(first)];
@@ -124,7 +119,7 @@ impl Pool {
             while links.len() < options.connections {
                 // A server that takes fewer connections than we would like
                 // is still served well by those it took.
-                match open(&address, writable, super::HANDSHAKE_TIMEOUT, &seq) {
+                match open(&address, writable, super::HANDSHAKE_TIMEOUT, &ledger) {
                     Ok(conn) if same_export(&info, &conn.info).is_ok() => {
                         links.push(Link::new(conn))
                     }
@@ -140,10 +135,7 @@ impl Pool {
             next: AtomicUsize::new(0),
             budget: options.reconnect_delay,
             only_copy: AtomicBool::new(false),
-            seq,
-            flushed: AtomicU64::new(0),
-            doubts: AtomicU64::new(0),
-            reported: AtomicU64::new(0),
+            ledger,
             poisoned: Mutex::new(None),
         }
     }
@@ -204,11 +196,15 @@ impl Pool {
     pub(super) fn flush(&self) -> io::Result<()> {
         // Taken before the FLUSH is sent: every write numbered so far had
         // its reply before the server could see this FLUSH.
-        let covers = self.seq.load(Ordering::SeqCst);
-        self.run(|c| c.call(Command::Flush, 0, 0, 0, None, None))?;
-        self.flushed.fetch_max(covers, Ordering::SeqCst);
-        let doubts = self.doubts.load(Ordering::SeqCst);
-        if self.reported.swap(doubts, Ordering::SeqCst) != doubts {
+        let covers = self.ledger.covers();
+        let mut epoch = 0;
+        // On the oldest connection: a FLUSH vouches for the writes of its
+        // epoch and later ones (Ledger), so the oldest covers the most.
+        self.run_on(self.oldest(), |c| {
+            epoch = c.shared.epoch;
+            c.call(Command::Flush, 0, 0, 0, None, None)
+        })?;
+        if !self.ledger.flushed(epoch, covers) {
             return Err(eio(format!(
                 "{}: writes the server acknowledged on a connection that dropped before a \
                  FLUSH covered them may be lost; this FLUSH cannot vouch for them",
@@ -237,13 +233,34 @@ impl Pool {
         &self.links[i]
     }
 
+    /// The connection of the lowest epoch that is up (any, when none is).
+    fn oldest(&self) -> &Link {
+        self.links
+            .iter()
+            .min_by_key(|link| {
+                link.lock()
+                    .conn
+                    .as_ref()
+                    .map_or(u64::MAX, |c| c.shared.epoch)
+            })
+            .expect("at least one connection")
+    }
+
     /// Runs `request` on a connection until it gets an answer, re-sending
     /// it after a reconnect when the connection it went out on dropped.
     fn run<T>(
         &self,
+        request: impl FnMut(&Connection) -> std::result::Result<T, Failure>,
+    ) -> io::Result<T> {
+        self.run_on(self.pick(), request)
+    }
+
+    /// [`Pool::run`] on `link`.
+    fn run_on<T>(
+        &self,
+        link: &Link,
         mut request: impl FnMut(&Connection) -> std::result::Result<T, Failure>,
     ) -> io::Result<T> {
-        let link = self.pick();
         link.busy.fetch_add(1, Ordering::SeqCst);
         let _busy = Busy(&link.busy);
         loop {
@@ -257,6 +274,12 @@ impl Pool {
                     if e.raw_os_error() == Some(proto::ESHUTDOWN as i32)
                         && self.budget().is_some() =>
                 {
+                    // The spec's soft disconnect: nothing more is taken from
+                    // a server that said it is going, so no late reply can
+                    // acknowledge a write after the drop below.
+                    conn.shared
+                        .break_with(format!("the server is shutting down: {e}"), false);
+                    let _ = conn.closer.shutdown();
                     Broken {
                         why: format!("the server is shutting down: {e}"),
                         violation: false,
@@ -266,7 +289,7 @@ impl Pool {
                 Err(Failure::Server(e)) => return Err(e),
                 Err(Failure::Lost(broken)) => broken,
             };
-            self.went_down(link, generation, &conn, &broken);
+            self.went_down(link, generation, conn.shared.epoch, &broken);
             drop(conn);
             if broken.violation || self.budget().is_none() {
                 return Err(Failure::Lost(broken).into_io());
@@ -275,7 +298,7 @@ impl Pool {
     }
 
     /// Takes `conn` out of service, once, however many callers saw it go.
-    fn went_down(&self, link: &Link, generation: u64, conn: &Connection, broken: &Broken) {
+    fn went_down(&self, link: &Link, generation: u64, epoch: u64, broken: &Broken) {
         if broken.violation {
             self.poisoned
                 .lock()
@@ -291,27 +314,10 @@ impl Pool {
             state.why = broken.why.clone();
             state.conn.take()
         };
-        // The reader numbered every write it saw acknowledged before the
-        // connection broke, so this sees them all. A drop may be a restart
-        // of the server, which may lose what it acknowledged on any of its
-        // connections: with multi-conn, the others may not have noticed
-        // yet, and a FLUSH on one reconnected in the meantime would not
-        // cover their writes. So every unflushed write of a connection
-        // made before this drop counts (one made since reached a server
-        // that was up after it).
-        let flushed = self.flushed.load(Ordering::SeqCst);
-        let others = self
-            .links
-            .iter()
-            .filter_map(|l| l.lock().conn.clone())
-            .filter(|c| c.opened < broken.at)
-            .map(|c| c.last_write());
-        if std::iter::once(conn.last_write())
-            .chain(others)
-            .any(|w| w > flushed)
-        {
-            self.doubts.fetch_add(1, Ordering::SeqCst);
-        }
+        // Connections made from now on are of a new epoch: a FLUSH on one
+        // of them vouches for no write acknowledged on this one or its
+        // contemporaries (the Ledger says why).
+        self.ledger.dropped(epoch);
         link.changed.notify_all();
         drop(old);
     }
@@ -389,7 +395,7 @@ impl Pool {
             } else {
                 left.clamp(MIN_ATTEMPT, super::HANDSHAKE_TIMEOUT)
             };
-            let why = match open(&self.address, self.writable, timeout, &self.seq) {
+            let why = match open(&self.address, self.writable, timeout, &self.ledger) {
                 Ok(conn) => match same_export(&self.info, &conn.info) {
                     Ok(()) => return Ok(conn),
                     Err(why) => why,
