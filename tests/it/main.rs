@@ -23,3 +23,4 @@ mod serve;
 mod sim;
 mod support;
 mod tidy;
+mod tls;
