@@ -197,6 +197,7 @@ pub fn client_config(dir: &Path) -> Result<ClientTls> {
         .with_webpki_verifier(verifier);
     let cert_path = dir.join(CLIENT_CERT);
     let key_path = dir.join(CLIENT_KEY);
+    let presents_certificate = cert_path.exists();
     let config = match (cert_path.exists(), key_path.exists()) {
         (true, true) => builder
             .with_client_auth_cert(certificates(&cert_path)?, private_key(&key_path)?)
@@ -208,6 +209,7 @@ pub fn client_config(dir: &Path) -> Result<ClientTls> {
     Ok(ClientTls {
         config: Arc::new(config),
         dir: dir.to_path_buf(),
+        presents_certificate,
     })
 }
 
@@ -216,12 +218,18 @@ pub fn client_config(dir: &Path) -> Result<ClientTls> {
 pub struct ClientTls {
     config: Arc<ClientConfig>,
     dir: PathBuf,
+    presents_certificate: bool,
 }
 
 impl ClientTls {
     /// The directory the credentials came from.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether a client certificate is offered to servers that ask.
+    pub fn presents_certificate(&self) -> bool {
+        self.presents_certificate
     }
 }
 

@@ -524,3 +524,335 @@ fn serve_tcp_needs_tls_or_the_loud_opt_out() {
         );
     }
 }
+
+// ---------------------------------------------------------------- client
+
+use livecopy::storage::{Location, NbdOptions, NbdStorage, Storage};
+
+/// A server process on TCP or a Unix socket, killed when dropped.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `program` and waits until `ready` (or panics with its stderr).
+fn daemon(program: &str, args: &[String], mut ready: impl FnMut() -> bool) -> Daemon {
+    let child = {
+        let _no_journal_changes = crate::support::spawning();
+        std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {program}: {e}"))
+    };
+    let mut d = Daemon(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        if let Some(status) = d.0.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut e) = d.0.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("{program} exited ({status}): {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{program} did not listen in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tcp_ready(port: u16) -> impl FnMut() -> bool {
+    move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// nbdkit's memory plugin on 127.0.0.1:`port` with `tls` options.
+fn nbdkit(port: u16, tls: &[String]) -> Daemon {
+    let mut args = vec![
+        "--foreground".to_string(),
+        "--exit-with-parent".into(),
+        "-i".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+    ];
+    args.extend(tls.iter().cloned());
+    args.extend(["memory".to_string(), MIB.to_string()]);
+    daemon("nbdkit", &args, tcp_ready(port))
+}
+
+fn location(uri: &str) -> livecopy::storage::NbdAddress {
+    match Location::parse(uri).expect("a URI") {
+        Location::Nbd(a) => a,
+        Location::Path(_) => panic!("{uri} is not an NBD URI"),
+    }
+}
+
+fn options(creds: Option<&Path>) -> NbdOptions {
+    NbdOptions {
+        tls_creds: creds.map(Path::to_path_buf),
+        ..NbdOptions::default()
+    }
+}
+
+/// Writes, flushes and reads back through `storage`.
+fn round_trip(storage: &NbdStorage, seed: u8) {
+    let data: Vec<u8> = (0..(256 << 10))
+        .map(|i| (i as u8).wrapping_mul(seed))
+        .collect();
+    storage.write_at(64 << 10, &data).expect("write");
+    storage.sync_data().expect("flush");
+    let mut back = vec![0u8; data.len()];
+    storage.read_at(64 << 10, &mut back).expect("read");
+    assert!(back == data, "read back differs");
+}
+
+/// The error connecting gives; it must contain one of `why`.
+fn connect_error(uri: &str, creds: Option<&Path>, why: &[&str]) -> String {
+    let err = NbdStorage::connect_with(&location(uri), true, options(creds))
+        .expect_err("connected where it must be refused")
+        .to_string();
+    assert!(
+        why.iter().any(|w| err.contains(w)),
+        "expected one of {why:?}: {err}"
+    );
+    eprintln!("refused as expected: {err}");
+    err
+}
+
+#[test]
+fn our_client_through_qemu_nbd_over_tls_on_a_unix_socket() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    std::fs::write(&image, vec![0u8; MIB]).unwrap();
+    let socket = dir.path().join("qemu-nbd.sock");
+    let object = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+        pki.server.display()
+    );
+    let args = [
+        "--object",
+        &object,
+        "--tls-creds",
+        "tls0",
+        "--format=raw",
+        "--persistent",
+        "--export-name=disk",
+        "--socket",
+        socket.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]
+    .map(String::from);
+    let server = daemon("qemu-nbd", &args, || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    // The certificate's name for a Unix socket: "localhost" by default.
+    let uri = format!("nbds+unix:///disk?socket={}", socket.display());
+    let storage = NbdStorage::connect_with(&location(&uri), true, options(Some(&pki.client)))
+        .expect("connect over TLS");
+    round_trip(&storage, 3);
+    drop(storage);
+    // A plain client is told the server wants TLS.
+    let plain = format!("nbd+unix:///disk?socket={}", socket.display());
+    connect_error(&plain, None, &["requires TLS"]);
+    // A client without a certificate: qemu-nbd requires one.
+    let anonymous = dir.path().join("anonymous");
+    pki.ca.trust_in(&anonymous);
+    connect_error(
+        &uri,
+        Some(&anonymous),
+        &["may require a client certificate"],
+    );
+    drop(server);
+    let file = std::fs::read(&image).unwrap();
+    assert!(file[..64 << 10].iter().all(|&b| b == 0));
+    assert!(
+        file[64 << 10..(64 << 10) + 16].iter().any(|&b| b != 0),
+        "the write is missing"
+    );
+}
+
+#[test]
+fn our_client_through_nbdkit_tls_require_with_credentials_in_the_uri() {
+    let pki = pki();
+    let port = free_port();
+    let tls = [
+        "--tls=require".to_string(),
+        format!("--tls-certificates={}", pki.server.display()),
+        "--tls-verify-peer".into(),
+    ];
+    let _server = nbdkit(port, &tls);
+    let uri = format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}",
+        pki.client.display()
+    );
+    let storage = NbdStorage::connect(&location(&uri), true).expect("connect over TLS");
+    round_trip(&storage, 5);
+    assert_eq!(storage.len().unwrap(), MIB as u64);
+}
+
+#[test]
+fn our_client_through_our_server_over_tls() {
+    let pki = pki();
+    let (server, device, port) = serve_tls(&pki.server, &[]);
+    let uri = format!("nbds://127.0.0.1:{port}/disk");
+    let storage = NbdStorage::connect_with(&location(&uri), true, options(Some(&pki.client)))
+        .expect("connect over TLS");
+    round_trip(&storage, 7);
+    // 8 MiB at once: many records each way, and replies sealed while the
+    // next request is being read.
+    let big: Vec<u8> = (0..(8 << 20)).map(|i| (i % 253) as u8).collect();
+    let device_size = MIB as u64;
+    assert!(big.len() as u64 > device_size);
+    storage.write_at(0, &big[..MIB]).expect("write 1 MiB");
+    let mut back = vec![0u8; MIB];
+    storage.read_at(0, &mut back).expect("read 1 MiB");
+    assert!(back == big[..MIB]);
+    drop(storage);
+    assert!(device.bytes(0, MIB) == big[..MIB]);
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!(stats.dropped, 0, "{stats:?}");
+}
+
+#[test]
+fn our_client_refuses_servers_it_cannot_trust() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let uri = |port: u16| format!("nbds://127.0.0.1:{port}/disk");
+    // A certificate for another name.
+    let misnamed = dir.path().join("misnamed");
+    pki.ca.trust_in(&misnamed);
+    pki.ca
+        .issue(&misnamed, Role::Server, &["other.example"], false);
+    let (server, device, port) = serve_tls(&misnamed, &[]);
+    connect_error(&uri(port), Some(&pki.client), &["not valid for name"]);
+    server.shutdown().unwrap();
+    assert!(device.bytes(0, MIB).iter().all(|&b| b == 0));
+    // An expired one.
+    let expired = dir.path().join("expired");
+    pki.ca.trust_in(&expired);
+    pki.ca.issue(&expired, Role::Server, &["127.0.0.1"], true);
+    let (server, _device, port) = serve_tls(&expired, &[]);
+    connect_error(&uri(port), Some(&pki.client), &["xpired"]);
+    server.shutdown().unwrap();
+    // One from a CA we do not trust.
+    let other = Ca::new("another CA");
+    let foreign = dir.path().join("foreign");
+    other.trust_in(&foreign);
+    other.issue(&foreign, Role::Server, &["127.0.0.1"], false);
+    let (server, _device, port) = serve_tls(&foreign, &[]);
+    connect_error(&uri(port), Some(&pki.client), &["UnknownIssuer"]);
+    server.shutdown().unwrap();
+    // No credentials at all.
+    connect_error(&uri(port), None, &["needs TLS credentials"]);
+}
+
+#[test]
+fn a_server_that_refuses_or_drops_starttls_is_refused() {
+    let pki = pki();
+    // nbdkit without TLS answers STARTTLS with an error.
+    let port = free_port();
+    let _plain = nbdkit(port, &["--tls=off".to_string()]);
+    let uri = format!("nbds://127.0.0.1:{port}/");
+    let err = connect_error(&uri, Some(&pki.client), &["refused STARTTLS"]);
+    assert!(err.contains("without TLS"), "{err}");
+    // A server (or a man in the middle) that hangs up at STARTTLS.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        use livecopy::nbd::proto;
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(&proto::encode_greeting()).unwrap();
+        let _flags: [u8; 4] = proto::read_array(&mut s).unwrap();
+        let header: [u8; proto::OPTION_HEADER_LEN] = proto::read_array(&mut s).unwrap();
+        proto::parse_option_header(&header).unwrap().option
+    });
+    let uri = format!("nbds://127.0.0.1:{port}/");
+    connect_error(
+        &uri,
+        Some(&pki.client),
+        &["closed the connection at STARTTLS"],
+    );
+    assert_eq!(
+        fake.join().unwrap(),
+        livecopy::nbd::proto::OPT_STARTTLS,
+        "STARTTLS was not first"
+    );
+}
+
+#[test]
+fn copy_into_a_tls_export_and_recover_says_tls() {
+    let pki = pki();
+    let (server, device, port) = serve_tls(&pki.server, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.raw");
+    let data: Vec<u8> = (0..MIB).map(|i| (i / 512 % 249) as u8 + 1).collect();
+    std::fs::write(&source, &data).unwrap();
+    let journal = dir.path().join("job.journal");
+    let uri = format!("nbds://127.0.0.1:{port}/disk");
+    let args = [
+        "copy",
+        "--journal",
+        journal.to_str().unwrap(),
+        "--tls-creds",
+        pki.client.to_str().unwrap(),
+        source.to_str().unwrap(),
+        &uri,
+    ];
+    let out = copyctl_within(&args, Duration::from_secs(120));
+    assert_eq!(out.code, 0, "{}", out.text());
+    assert!(
+        device.bytes(0, MIB) == data,
+        "the export differs from the source"
+    );
+    let out = copyctl_within(
+        &["recover", journal.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, 0, "{}", out.text());
+    assert!(
+        out.stdout.contains("transport:     NBD over TLS (nbds)"),
+        "{}",
+        out.text()
+    );
+    // Without credentials the copy is refused before anything is written.
+    let fresh = dir.path().join("fresh.journal");
+    let (server2, device2, port2) = serve_tls(&pki.server, &[]);
+    let uri2 = format!("nbds://127.0.0.1:{port2}/disk");
+    let out = copyctl_within(
+        &[
+            "copy",
+            "--journal",
+            fresh.to_str().unwrap(),
+            source.to_str().unwrap(),
+            &uri2,
+        ],
+        Duration::from_secs(60),
+    );
+    assert_ne!(out.code, 0, "{}", out.text());
+    assert!(
+        out.stderr.contains("needs TLS credentials"),
+        "{}",
+        out.text()
+    );
+    assert!(device2.bytes(0, MIB).iter().all(|&b| b == 0));
+    server2.shutdown().unwrap();
+    server.shutdown().unwrap();
+}

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{Broken, Connection, ExportInfo, Failure, NbdOptions, lost, open};
+use super::{Broken, ClientTarget, Connection, ExportInfo, Failure, NbdOptions, lost, open};
 use crate::nbd::proto::{self, Command};
 use crate::nbd::structured::Extent;
 use crate::storage::location::NbdAddress;
@@ -37,6 +37,8 @@ const LATE_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct Pool {
     address: NbdAddress,
+    /// TLS for every connection, reconnections included.
+    tls: Option<ClientTarget>,
     writable: bool,
     /// What every connection must negotiate: the first one's export.
     info: ExportInfo,
@@ -113,6 +115,7 @@ impl Drop for Busy<'_> {
 impl Pool {
     pub(super) fn new(
         address: NbdAddress,
+        tls: Option<ClientTarget>,
         writable: bool,
         options: NbdOptions,
         first: Connection,
@@ -124,7 +127,13 @@ impl Pool {
             while links.len() < options.connections {
                 // A server that takes fewer connections than we would like
                 // is still served well by those it took.
-                match open(&address, writable, super::HANDSHAKE_TIMEOUT, &seq) {
+                match open(
+                    &address,
+                    tls.as_ref(),
+                    writable,
+                    super::HANDSHAKE_TIMEOUT,
+                    &seq,
+                ) {
                     Ok(conn) if same_export(&info, &conn.info).is_ok() => {
                         links.push(Link::new(conn))
                     }
@@ -134,6 +143,7 @@ impl Pool {
         }
         Pool {
             address,
+            tls,
             writable,
             info,
             links,
@@ -373,7 +383,13 @@ impl Pool {
             } else {
                 left.clamp(MIN_ATTEMPT, super::HANDSHAKE_TIMEOUT)
             };
-            let why = match open(&self.address, self.writable, timeout, &self.seq) {
+            let why = match open(
+                &self.address,
+                self.tls.as_ref(),
+                self.writable,
+                timeout,
+                &self.seq,
+            ) {
                 Ok(conn) => match same_export(&self.info, &conn.info) {
                     Ok(()) => return Ok(conn),
                     Err(why) => why,
