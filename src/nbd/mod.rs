@@ -16,6 +16,8 @@
 //!
 //! - [`proto`]: the wire format, pure.
 //! - [`server`]: sockets, the handshake, the request pipeline.
+//! - [`tls`]: NBD_OPT_STARTTLS's credentials, rustls configurations and
+//!   the TLS stream both ends use.
 //! - [`structured`]: structured replies, block status and block sizes,
 //!   pure; what the client in `storage::nbd` parses.
 
@@ -23,6 +25,7 @@ pub mod proto;
 pub mod server;
 mod stream;
 pub mod structured;
+pub mod tls;
 
 pub use server::{Server, ServerHandle, Stats, bind_tcp, bind_unix};
 pub use stream::Stream;

@@ -24,7 +24,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ use super::errno_for;
 use super::proto::{
     self, ClientOption, Command, InfoRequest, OptionHeader, Payload, ProtoError, ReadError, Request,
 };
+use super::tls::{ServerTls, TlsStream};
 use crate::error::{Error, Result};
 
 /// Requests one connection may have in flight (QEMU's `MAX_NBD_REQUESTS`).
@@ -82,6 +83,8 @@ struct Shared {
     device: Arc<dyn ExportDevice>,
     name: String,
     read_only: AtomicBool,
+    /// Set: TLS is required before any option but STARTTLS and ABORT.
+    tls: OnceLock<ServerTls>,
     stop: AtomicBool,
     running: AtomicBool,
     counters: Counters,
@@ -138,6 +141,7 @@ fn shared(device: Arc<dyn ExportDevice>, name: &str) -> Result<Arc<Shared>> {
         device,
         name: name.to_string(),
         read_only: AtomicBool::new(false),
+        tls: OnceLock::new(),
         stop: AtomicBool::new(false),
         running: AtomicBool::new(false),
         counters: Counters::default(),
@@ -180,8 +184,9 @@ pub fn bind_unix(
 }
 
 /// Listens on TCP at `addr` (port 0 picks a free one), serving `device`
-/// as export `name`. NBD has no authentication: use it only on networks
-/// where every peer may read and write the export.
+/// as export `name`. Without [`Server::tls`] NBD has no authentication nor
+/// encryption: use it so only on networks where every peer may read and
+/// write the export.
 pub fn bind_tcp(
     addr: impl ToSocketAddrs,
     device: Arc<dyn ExportDevice>,
@@ -204,6 +209,16 @@ impl Server {
     /// writes, zeroes and trims with `EPERM`.
     pub fn read_only(self, read_only: bool) -> Self {
         self.shared.read_only.store(read_only, Ordering::Relaxed);
+        self
+    }
+
+    /// Requires TLS (the spec's FORCEDTLS): before NBD_OPT_STARTTLS every
+    /// option but ABORT is answered `NBD_REP_ERR_TLS_REQD`, and
+    /// `NBD_OPT_EXPORT_NAME`, which cannot be answered with an error, ends
+    /// the connection. Negotiation then starts over inside TLS. A second
+    /// call is ignored: a server's mode never changes under its clients.
+    pub fn tls(self, tls: ServerTls) -> Self {
+        let _ = self.shared.tls.set(tls);
         self
     }
 
@@ -483,19 +498,55 @@ fn read_header<const N: usize>(reader: &mut impl Read) -> io::Result<Option<[u8;
     Ok(Some(buf))
 }
 
+const READ_BUFFER: usize = 128 << 10;
+
 fn serve_connection(shared: &Arc<Shared>, stream: Stream) -> End {
+    let mut current = None;
     let end = (|| {
-        let mut reader = BufReader::with_capacity(128 << 10, stream.try_clone()?);
+        let mut reader = BufReader::with_capacity(READ_BUFFER, stream.try_clone()?);
         let mut writer = stream.try_clone()?;
+        // Also bounds the TLS handshake: the timeout is the socket's.
         stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        match handshake(shared, &mut reader, &mut writer)? {
-            Negotiated::Transmission => {}
-            Negotiated::Closed => return Ok(End::Clean),
+        writer.write_all(&proto::encode_greeting())?;
+        let Some(flags) = read_header::<4>(&mut reader)? else {
+            return Ok(End::Clean);
+        };
+        let flags = proto::parse_client_flags(&flags)?;
+        let mut mode = match shared.tls.get() {
+            Some(_) => Tls::Required,
+            None => Tls::Off,
+        };
+        loop {
+            match negotiate(shared, &mut reader, &mut writer, flags, mode)? {
+                Negotiated::Transmission => break,
+                Negotiated::Closed => return Ok(End::Clean),
+                Negotiated::StartTls => {
+                    let Some(config) = shared.tls.get() else {
+                        return Err(End::Dropped);
+                    };
+                    // The client must wait for our ACK before its
+                    // ClientHello; bytes already here are not TLS.
+                    if !reader.buffer().is_empty() {
+                        return Err(End::Dropped);
+                    }
+                    let secured = Stream::Tls(TlsStream::accept(stream.try_clone()?, config)?);
+                    // Everything negotiated before TLS is forgotten, as the
+                    // spec says: we keep no option state, and the client
+                    // flags are not options.
+                    reader = BufReader::with_capacity(READ_BUFFER, secured.try_clone()?);
+                    writer = secured.try_clone()?;
+                    current = Some(secured);
+                    mode = Tls::On;
+                }
+            }
         }
         stream.set_read_timeout(None)?;
         Ok::<End, End>(transmission(shared, &mut reader, writer))
     })()
     .unwrap_or_else(|end| end);
+    if let Some(secured) = current.filter(|_| end == End::Clean) {
+        secured.close_notify();
+    }
     let _ = stream.shutdown();
     end
 }
@@ -503,22 +554,33 @@ fn serve_connection(shared: &Arc<Shared>, stream: Stream) -> End {
 enum Negotiated {
     Transmission,
     Closed,
+    StartTls,
+}
+
+/// Where a connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    /// The server has no TLS: STARTTLS is unsupported.
+    Off,
+    /// TLS is required and not started: only STARTTLS and ABORT go.
+    Required,
+    /// Inside TLS.
+    On,
 }
 
 fn send_reply(writer: &mut impl Write, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
     writer.write_all(&proto::encode_option_reply(option, reply, data))
 }
 
-fn handshake(
+/// Option haggling, until transmission, the end, or STARTTLS (after
+/// which it starts over inside TLS).
+fn negotiate(
     shared: &Shared,
     reader: &mut impl Read,
     writer: &mut impl Write,
+    flags: proto::ClientFlags,
+    tls: Tls,
 ) -> std::result::Result<Negotiated, End> {
-    writer.write_all(&proto::encode_greeting())?;
-    let Some(flags) = read_header::<4>(reader)? else {
-        return Ok(Negotiated::Closed);
-    };
-    let flags = proto::parse_client_flags(&flags)?;
     for _ in 0..MAX_OPTIONS {
         let Some(header) = read_header::<{ proto::OPTION_HEADER_LEN }>(reader)? else {
             return Ok(Negotiated::Closed);
@@ -526,6 +588,33 @@ fn handshake(
         let header: OptionHeader = proto::parse_option_header(&header)?;
         let option = header.option;
         let data = proto::read_option_data(reader, &header, MAX_OPTION_DATA, OPTION_DISCARD_LIMIT)?;
+        match (tls, option) {
+            (Tls::Required, proto::OPT_STARTTLS) => {
+                if data.as_ref().is_none_or(|d| !d.is_empty()) {
+                    send_reply(
+                        writer,
+                        option,
+                        proto::REP_ERR_INVALID,
+                        b"STARTTLS takes no data",
+                    )?;
+                    continue;
+                }
+                send_reply(writer, option, proto::REP_ACK, &[])?;
+                return Ok(Negotiated::StartTls);
+            }
+            (Tls::On, proto::OPT_STARTTLS) => {
+                send_reply(writer, option, proto::REP_ERR_INVALID, b"TLS is already on")?;
+                continue;
+            }
+            // Nothing but TLS: EXPORT_NAME cannot be refused any other way.
+            (Tls::Required, proto::OPT_EXPORT_NAME) => return Err(End::Dropped),
+            (Tls::Required, o) if o != proto::OPT_ABORT => {
+                let message = format!("option {o} is not permitted before TLS (STARTTLS)");
+                send_reply(writer, option, proto::REP_ERR_TLS_REQD, message.as_bytes())?;
+                continue;
+            }
+            _ => {}
+        }
         let Some(data) = data else {
             if option == proto::OPT_EXPORT_NAME {
                 // No way to answer an EXPORT_NAME with an error.

@@ -1,10 +1,12 @@
-//! A connected NBD socket, Unix or TCP: what the server accepts and what
-//! the client in `storage::nbd` dials.
+//! A connected NBD socket, Unix or TCP, possibly under TLS: what the
+//! server accepts and what the client in `storage::nbd` dials.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
+
+use super::tls::TlsStream;
 
 /// A connected socket of either family.
 pub enum Stream {
@@ -12,6 +14,8 @@ pub enum Stream {
     Unix(UnixStream),
     /// A TCP connection.
     Tcp(TcpStream),
+    /// A TLS session over either (after NBD_OPT_STARTTLS).
+    Tls(TlsStream),
 }
 
 impl Stream {
@@ -20,6 +24,7 @@ impl Stream {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.clone()),
         })
     }
 
@@ -28,6 +33,20 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Tls(s) => s.raw().shutdown(),
+        }
+    }
+
+    /// Whether TLS protects it.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
+    /// Ends a TLS session cleanly (close_notify), best effort; nothing for
+    /// a plain socket.
+    pub fn close_notify(&self) {
+        if let Stream::Tls(s) = self {
+            s.close_notify();
         }
     }
 
@@ -36,6 +55,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_nonblocking(on),
             Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Tls(s) => s.raw().set_nonblocking(on),
         }
     }
 
@@ -44,6 +64,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_read_timeout(timeout),
             Stream::Tcp(s) => s.set_read_timeout(timeout),
+            Stream::Tls(s) => s.raw().set_read_timeout(timeout),
         }
     }
 }
@@ -53,6 +74,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -62,12 +84,14 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.flush(),
             Stream::Tcp(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
         }
     }
 }

@@ -29,7 +29,7 @@ impl AnyImage {
         match location {
             Location::Path(path) => Ok(AnyImage::File(FileStorage::open_image(path, writable)?)),
             Location::Nbd(address) => {
-                let export = NbdStorage::connect_with(address, writable, *options)?;
+                let export = NbdStorage::connect_with(address, writable, options.clone())?;
                 Ok(AnyImage::Export(Box::new(export)))
             }
         }

@@ -29,6 +29,12 @@ pub struct NbdAddress {
     pub export: String,
     /// Whether the URI asks for TLS (`nbds`).
     pub tls: bool,
+    /// TLS credentials in QEMU's layout (libnbd's `tls-certificates`
+    /// query parameter); `nbds` only.
+    pub tls_certificates: Option<PathBuf>,
+    /// The name the server's certificate must carry, when not the host
+    /// (`tls-hostname`; for `nbds+unix`, "localhost" without it).
+    pub tls_hostname: Option<String>,
 }
 
 /// An NBD server's socket.
@@ -92,10 +98,19 @@ impl Location {
         };
         let export = decode(path).map_err(|why| bad(text, why))?;
         let mut socket = None;
+        let mut tls_certificates = None;
+        let mut tls_hostname = None;
         for pair in query.into_iter().flat_map(|q| q.split('&')) {
             match pair.split_once('=') {
                 Some(("socket", value)) if unix => {
                     socket = Some(PathBuf::from(decode(value).map_err(|why| bad(text, why))?))
+                }
+                Some(("tls-certificates", value)) if tls => {
+                    tls_certificates =
+                        Some(PathBuf::from(decode(value).map_err(|why| bad(text, why))?))
+                }
+                Some(("tls-hostname", value)) if tls => {
+                    tls_hostname = Some(decode(value).map_err(|why| bad(text, why))?)
                 }
                 _ => {
                     return Err(bad(
@@ -123,6 +138,8 @@ impl Location {
             endpoint,
             export,
             tls,
+            tls_certificates,
+            tls_hostname,
         }))
     }
 }
@@ -214,15 +231,29 @@ impl fmt::Display for NbdAddress {
                 } else {
                     write!(f, "{s}://{host}:{port}/")?;
                 }
-                encode(&self.export, f)
+                encode(&self.export, f)?;
             }
             Endpoint::Unix { socket } => {
                 write!(f, "{s}+unix:///")?;
                 encode(&self.export, f)?;
                 f.write_str("?socket=")?;
-                encode(&socket.to_string_lossy(), f)
+                encode(&socket.to_string_lossy(), f)?;
             }
         }
+        let mut separator = match self.endpoint {
+            Endpoint::Tcp { .. } => '?',
+            Endpoint::Unix { .. } => '&',
+        };
+        if let Some(dir) = &self.tls_certificates {
+            write!(f, "{separator}tls-certificates=")?;
+            encode(&dir.to_string_lossy(), f)?;
+            separator = '&';
+        }
+        if let Some(name) = &self.tls_hostname {
+            write!(f, "{separator}tls-hostname=")?;
+            encode(name, f)?;
+        }
+        Ok(())
     }
 }
 
@@ -247,6 +278,8 @@ mod tests {
             },
             export: export.into(),
             tls,
+            tls_certificates: None,
+            tls_hostname: None,
         })
     }
 
@@ -257,7 +290,24 @@ mod tests {
             },
             export: export.into(),
             tls,
+            tls_certificates: None,
+            tls_hostname: None,
         })
+    }
+
+    #[test]
+    fn tls_parameters_parse_and_print_back() {
+        let text = "nbds://10.0.0.1:10809/disk?tls-certificates=/etc/pki/my%20qemu&tls-hostname=vm.example";
+        let Location::Nbd(a) = Location::parse(text).unwrap() else {
+            panic!("not an NBD URI");
+        };
+        assert_eq!(a.tls_certificates, Some(PathBuf::from("/etc/pki/my qemu")));
+        assert_eq!(a.tls_hostname.as_deref(), Some("vm.example"));
+        assert_eq!(a.to_string(), text);
+        let text = "nbds+unix:///disk?socket=/run/s.sock&tls-certificates=/pki";
+        assert_eq!(Location::parse(text).unwrap().to_string(), text);
+        // Plain URIs take no TLS parameters: they would not be used.
+        assert!(Location::parse("nbd://h/disk?tls-certificates=/pki").is_err());
     }
 
     /// One table: what each argument means, or that it is refused.

@@ -70,6 +70,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
@@ -83,6 +84,8 @@ use crate::error::{Error, Result};
 use crate::nbd::Stream;
 use crate::nbd::proto::{self, Command, ProtoError, Request};
 use crate::nbd::structured::{self as st, BlockSizes, ChunkHeader, Extent, ReplyKind};
+use crate::nbd::tls::{self, TlsStream};
+use rustls_pki_types::ServerName;
 
 /// How long the handshake may take before the server counts as dead.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,7 +117,7 @@ impl ExportInfo {
 }
 
 /// How an [`NbdStorage`] behaves beyond the protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdOptions {
     /// How long to wait for a dropped server once [`Storage::only_copy`]
     /// was called (`--reconnect-delay`); `None` never reconnects.
@@ -122,6 +125,10 @@ pub struct NbdOptions {
     /// The most connections opened when the server advertises multi-conn
     /// (one is used otherwise).
     pub connections: usize,
+    /// TLS credentials (QEMU's layout: `ca-cert.pem`, optionally
+    /// `client-cert.pem` and `client-key.pem`) for `nbds` addresses that
+    /// name none themselves (`tls-certificates=`).
+    pub tls_creds: Option<PathBuf>,
 }
 
 impl Default for NbdOptions {
@@ -130,6 +137,7 @@ impl Default for NbdOptions {
             reconnect_delay: None,
             // nbdcopy opens 4 by default; more buys little on 2-4 cores.
             connections: 4,
+            tls_creds: None,
         }
     }
 }
@@ -164,15 +172,11 @@ impl NbdStorage {
 
     /// [`NbdStorage::connect`] with `options`.
     pub fn connect_with(address: &NbdAddress, writable: bool, options: NbdOptions) -> Result<Self> {
-        if address.tls {
-            return Err(Error::InvalidInput(format!(
-                "{address}: NBD over TLS is not supported yet; use nbd:// or nbd+unix://"
-            )));
-        }
+        let tls = client_tls(address, &options)?;
         let ledger = Arc::new(Ledger::default());
-        let first = open(address, writable, HANDSHAKE_TIMEOUT, &ledger)?;
+        let first = open(address, tls.as_ref(), writable, HANDSHAKE_TIMEOUT, &ledger)?;
         let info = first.info;
-        let pool = Pool::new(address.clone(), writable, options, first, ledger);
+        let pool = Pool::new(address.clone(), tls, writable, options, first, ledger);
         Ok(NbdStorage {
             address: address.clone(),
             info,
@@ -414,25 +418,103 @@ impl Storage for NbdStorage {
     }
 }
 
+/// The TLS configuration and server name an `nbds` address needs; `None`
+/// for a plain one. Loaded once per storage: every connection and
+/// reconnection uses the same credentials.
+fn client_tls(address: &NbdAddress, options: &NbdOptions) -> Result<Option<ClientTarget>> {
+    if !address.tls {
+        return Ok(None);
+    }
+    let dir = address
+        .tls_certificates
+        .as_ref()
+        .or(options.tls_creds.as_ref())
+        .ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{address}: nbds needs TLS credentials: --tls-creds DIR or \
+                 ?tls-certificates=DIR (ca-cert.pem, client-cert.pem, client-key.pem)"
+            ))
+        })?;
+    let config = tls::client_config(dir)?;
+    let host = match (&address.tls_hostname, &address.endpoint) {
+        (Some(name), _) => name.as_str(),
+        (None, Endpoint::Tcp { host, .. }) => host.as_str(),
+        // What QEMU and libnbd would need spelled out; the usual name of
+        // a certificate for a server on this host.
+        (None, Endpoint::Unix { .. }) => "localhost",
+    };
+    let name =
+        tls::server_name(host).map_err(|e| Error::InvalidInput(format!("{address}: {e}")))?;
+    Ok(Some(ClientTarget { config, name }))
+}
+
+/// What a TLS connection to one export is checked against.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientTarget {
+    config: tls::ClientTls,
+    name: ServerName<'static>,
+}
+
 /// Dials `address` and negotiates within `timeout`: one connection ready
-/// for requests, its reader thread running.
+/// for requests, its reader thread running. With `tls`, STARTTLS comes
+/// first and nothing else is said in plain text.
 fn open(
     address: &NbdAddress,
+    tls: Option<&ClientTarget>,
     writable: bool,
     timeout: Duration,
     ledger: &Arc<Ledger>,
 ) -> Result<Connection> {
     let what = |e: io::Error| Error::InvalidInput(format!("{address}: {e}"));
-    let stream = dial(&address.endpoint, timeout).map_err(|e| Error::Io {
+    let mut stream = dial(&address.endpoint, timeout).map_err(|e| Error::Io {
         op: "connect to the NBD server",
         path: None,
         source: io::Error::new(e.kind(), format!("{address}: {e}")),
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(what)?;
+    greet(&mut stream).map_err(what)?;
+    if let Some(target) = tls {
+        start_tls(&mut stream).map_err(what)?;
+        stream = Stream::Tls(
+            TlsStream::connect(stream, &target.config, target.name.clone()).map_err(what)?,
+        );
+    }
     let mut reader = stream.try_clone().map_err(what)?;
     let mut writer = stream;
     let info = handshake(&mut reader, &mut writer, &address.export)
-        .map_err(|e| Error::InvalidInput(format!("{address}: {e}")))?;
+        .map_err(|e| match tls {
+            // Under TLS 1.3 the server checks our certificate after our
+            // side of the handshake is done; GnuTLS servers then just
+            // hang up, so the first read is where a refusal shows.
+            Some(target)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                io::Error::new(
+                    e.kind(),
+                    if target.config.presents_certificate() {
+                        format!(
+                            "the server closed the connection after the TLS handshake: it \
+                             may have refused our client certificate ({})",
+                            target.config.dir().join(tls::CLIENT_CERT).display()
+                        )
+                    } else {
+                        format!(
+                            "the server closed the connection after the TLS handshake: it \
+                             may require a client certificate, and {} has no {}",
+                            target.config.dir().display(),
+                            tls::CLIENT_CERT
+                        )
+                    },
+                )
+            }
+            _ => e,
+        })
+        .map_err(what)?;
     reader.set_read_timeout(None).map_err(what)?;
     if writable && info.has(proto::TFLAG_READ_ONLY) {
         return Err(Error::InvalidInput(format!(
@@ -595,7 +677,11 @@ fn option(
     }
 }
 
-fn refused(what: &str, (code, message): (u32, String)) -> io::Error {
+fn refused(what: &str, error: (u32, String)) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionRefused, refused_text(what, error))
+}
+
+fn refused_text(what: &str, (code, message): (u32, String)) -> String {
     let reason = match code {
         proto::REP_ERR_UNSUP => "not supported".to_string(),
         proto::REP_ERR_POLICY => "refused by policy".to_string(),
@@ -610,20 +696,12 @@ fn refused(what: &str, (code, message): (u32, String)) -> io::Error {
     } else {
         format!(": {message}")
     };
-    io::Error::new(
-        io::ErrorKind::ConnectionRefused,
-        format!("{what}: {reason}{message}"),
-    )
+    format!("{what}: {reason}{message}")
 }
 
-/// Fixed newstyle, structured replies and `base:allocation` when offered,
-/// then GO with a block-size request (which commits us to the sizes).
-fn handshake(
-    reader: &mut impl Read,
-    writer: &mut impl Write,
-    export: &str,
-) -> io::Result<ExportInfo> {
-    let flags = proto::parse_greeting(&proto::read_array(reader)?).map_err(proto_error)?;
+/// The greeting and our flags: fixed newstyle, which STARTTLS needs too.
+fn greet(stream: &mut Stream) -> io::Result<()> {
+    let flags = proto::parse_greeting(&proto::read_array(stream)?).map_err(proto_error)?;
     if flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -637,8 +715,51 @@ fn handshake(
         } else {
             0
         };
-    writer.write_all(&proto::encode_client_flags(client_flags))?;
+    stream.write_all(&proto::encode_client_flags(client_flags))
+}
 
+/// NBD_OPT_STARTTLS, the first option: anything but an ACK ends the
+/// connection, never a fall back to plain text (which a man in the
+/// middle could force by answering for the server).
+fn start_tls(stream: &mut Stream) -> io::Result<()> {
+    let refused = |why: String| {
+        io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("{why}; refusing to go on without TLS"),
+        )
+    };
+    let mut reader = stream.try_clone()?;
+    match option(&mut reader, stream, proto::OPT_STARTTLS, &[], |r, _| {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("an unexpected reply {r:#x} to STARTTLS"),
+        ))
+    }) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(refused(refused_text("the server refused STARTTLS", e))),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            Err(refused(format!(
+                "the server closed the connection at STARTTLS ({e})"
+            )))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Structured replies and `base:allocation` when offered, then GO with a
+/// block-size request (which commits us to the sizes).
+fn handshake(
+    reader: &mut impl Read,
+    writer: &mut impl Write,
+    export: &str,
+) -> io::Result<ExportInfo> {
     let structured = option(reader, writer, proto::OPT_STRUCTURED_REPLY, &[], |_, _| {
         Ok(())
     })?

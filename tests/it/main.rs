@@ -26,3 +26,4 @@ mod serve;
 mod sim;
 mod support;
 mod tidy;
+mod tls;

@@ -45,7 +45,7 @@ enum Op {
 }
 
 /// An in-memory export that records every call.
-struct MemDevice {
+pub(crate) struct MemDevice {
     data: Mutex<Vec<u8>>,
     log: Mutex<Vec<Op>>,
     flushes: AtomicU64,
@@ -62,7 +62,7 @@ struct MemDevice {
 }
 
 impl MemDevice {
-    fn new(size: usize) -> Arc<MemDevice> {
+    pub(crate) fn new(size: usize) -> Arc<MemDevice> {
         Arc::new(MemDevice {
             data: Mutex::new(vec![0; size]),
             log: Mutex::new(Vec::new()),
@@ -84,7 +84,7 @@ impl MemDevice {
         self.log.lock().unwrap().push(op);
     }
 
-    fn bytes(&self, offset: usize, len: usize) -> Vec<u8> {
+    pub(crate) fn bytes(&self, offset: usize, len: usize) -> Vec<u8> {
         self.data.lock().unwrap()[offset..offset + len].to_vec()
     }
 
@@ -273,14 +273,14 @@ fn serve_mem(size: usize) -> (Fixture, Arc<MemDevice>) {
     (serve(device.clone(), ""), device)
 }
 
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Output {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Output {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         format!(
             "exit {}\nstdout:\n{}\nstderr:\n{}",
             self.code, self.stdout, self.stderr
@@ -289,7 +289,7 @@ impl Output {
 }
 
 /// Runs a QEMU tool, killing it if it takes more than a minute.
-fn tool(program: &str, args: &[&str]) -> Output {
+pub(crate) fn tool(program: &str, args: &[&str]) -> Output {
     let mut child = {
         let _no_journal_changes = crate::support::spawning();
         Command::new(program)
@@ -333,7 +333,7 @@ fn qemu_io(url: &str, options: &[&str], commands: &[&str]) -> Output {
     tool("qemu-io", &args)
 }
 
-fn assert_ok(out: &Output) {
+pub(crate) fn assert_ok(out: &Output) {
     assert!(
         out.code == 0 && !out.stdout.contains("failed") && !out.stderr.contains("failed"),
         "{}",

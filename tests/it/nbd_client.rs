@@ -26,6 +26,8 @@ fn unix_address(socket: &Path, export: &str) -> NbdAddress {
         },
         export: export.into(),
         tls: false,
+        tls_certificates: None,
+        tls_hostname: None,
     }
 }
 
@@ -619,6 +621,7 @@ fn with_reconnect(delay: Option<Duration>, connections: usize) -> NbdOptions {
     NbdOptions {
         reconnect_delay: delay,
         connections,
+        tls_creds: None,
     }
 }
 

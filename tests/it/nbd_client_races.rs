@@ -24,6 +24,8 @@ fn addr(socket: &Path) -> NbdAddress {
         },
         export: String::new(),
         tls: false,
+        tls_certificates: None,
+        tls_hostname: None,
     }
 }
 
@@ -203,6 +205,7 @@ fn a_write_acknowledged_after_eshutdown_is_never_vouched_for_by_a_flush_elsewher
         NbdOptions {
             reconnect_delay: Some(Duration::from_secs(5)),
             connections: 1,
+            tls_creds: None,
         },
     )
     .unwrap();
@@ -281,6 +284,7 @@ fn a_write_acknowledged_late_on_an_old_connection_is_never_vouched_for_by_a_new_
             NbdOptions {
                 reconnect_delay: Some(Duration::from_secs(5)),
                 connections: 2,
+                tls_creds: None,
             },
         )
         .unwrap();

@@ -618,6 +618,8 @@ fn remote_destination_killed_after_the_switch_and_not_restarted() {
             },
             export: String::new(),
             tls: false,
+            tls_certificates: None,
+            tls_hostname: None,
         },
         true,
     )
@@ -687,6 +689,8 @@ fn remote_destination_restarted_with_unflushed_writes_fails_the_next_flush() {
             },
             export: String::new(),
             tls: false,
+            tls_certificates: None,
+            tls_hostname: None,
         },
         true,
     )

@@ -101,6 +101,14 @@ pub struct TuningArgs {
     /// guest requests then fail with EIO. No reconnect by default.
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     pub reconnect_delay: Option<f64>,
+    /// TLS credentials in QEMU's layout. For nbds:// images (the client
+    /// side): ca-cert.pem verifies the server; client-cert.pem and
+    /// client-key.pem are presented when present. For `serve --tcp` (the
+    /// server side): server-cert.pem and server-key.pem, and ca-cert.pem
+    /// verifies client certificates, which are then required. Keys must
+    /// not be readable by group or others.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
 }
 
 fn parse_seconds(text: &str) -> Result<f64, String> {
@@ -195,6 +203,12 @@ pub enum Authority {
 }
 
 #[derive(Debug, Args)]
+// --tcp needs TLS, or the loud opt-out; never both.
+#[command(group(
+    clap::ArgGroup::new("tcp_security")
+        .args(["tls_creds", "tcp_plaintext_insecure"])
+        .multiple(false)
+))]
 pub struct ServeArgs {
     /// The journal: created for a new job, recovered if it exists.
     #[arg(long)]
@@ -215,10 +229,22 @@ pub struct ServeArgs {
     /// The control socket to create (mode 0600).
     #[arg(long)]
     pub control: PathBuf,
-    /// Also serve NBD on this TCP address (e.g. 127.0.0.1:10809). NBD has
-    /// no authentication: only on a trusted network.
-    #[arg(long)]
+    /// Also serve NBD on this TCP address (e.g. 127.0.0.1:10809), TLS
+    /// required (NBD_OPT_STARTTLS with --tls-creds; clients that do not
+    /// start TLS are refused). Needs --tls-creds or
+    /// --tcp-plaintext-insecure.
+    #[arg(long, requires = "tcp_security")]
     pub tcp: Option<String>,
+    /// Serve --tcp in plain text: no encryption and no authentication, so
+    /// anyone who reaches the port reads and writes the guest's disk. Only
+    /// for a network where every peer may.
+    #[arg(long, requires = "tcp")]
+    pub tcp_plaintext_insecure: bool,
+    /// Only clients whose certificate names NAME (a DNS name or IP address
+    /// in its subjectAltName) may connect over TCP; repeat for more names.
+    /// Needs ca-cert.pem in --tls-creds.
+    #[arg(long, value_name = "NAME", requires = "tcp")]
+    pub tls_authz: Vec<String>,
     /// The export name clients ask for.
     #[arg(long, default_value = "")]
     pub export: String,

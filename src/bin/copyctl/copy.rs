@@ -90,6 +90,7 @@ pub fn location(argument: &Path) -> anyhow::Result<Location> {
 pub fn nbd_options(args: &crate::args::TuningArgs) -> NbdOptions {
     NbdOptions {
         reconnect_delay: args.reconnect_delay.map(Duration::from_secs_f64),
+        tls_creds: args.tls_creds.clone(),
         ..NbdOptions::default()
     }
 }

@@ -82,6 +82,13 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
         recovered.seq,
         record.writer_epoch
     );
+    if let journal::ImageRef::Export(export) = image {
+        human.push_str(if export.tls {
+            "transport:     NBD over TLS (nbds)\n"
+        } else {
+            "transport:     NBD in plain text (no TLS)\n"
+        });
+    }
     for r in &repaired {
         human.push_str(&format!("repaired:      {} from {}\n", r.target, r.source));
     }

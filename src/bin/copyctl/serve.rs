@@ -107,11 +107,46 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
     }))
 }
 
+/// The TCP listener's TLS, or `None` when --tcp-plaintext-insecure said
+/// so (with a warning that cannot be missed).
+fn server_tls(args: &ServeArgs) -> anyhow::Result<Option<nbd::tls::ServerTls>> {
+    if !args.tls_authz.is_empty() && args.tuning.tls_creds.is_none() {
+        anyhow::bail!(livecopy::Error::InvalidInput(
+            "--tls-authz needs --tls-creds (client certificates are checked against its \
+             ca-cert.pem)"
+                .into()
+        ));
+    }
+    if args.tcp.is_none() {
+        return Ok(None);
+    }
+    let Some(dir) = &args.tuning.tls_creds else {
+        eprintln!(
+            "copyctl: WARNING: --tcp-plaintext-insecure: NBD on {} is neither encrypted \
+             nor authenticated; anyone who reaches it reads and writes the guest's disk",
+            args.tcp.as_deref().unwrap_or_default()
+        );
+        return Ok(None);
+    };
+    let tls = nbd::tls::server_config(dir, &args.tls_authz)?;
+    if !tls.authenticates_clients() {
+        eprintln!(
+            "copyctl: warning: {} has no {}: TCP clients are not authenticated \
+             (the connection is encrypted, but any client may use the export)",
+            dir.display(),
+            nbd::tls::CA_CERT
+        );
+    }
+    Ok(Some(tls))
+}
+
 pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
     // Check the socket paths before anything is created, so that a typo in
     // them does not leave a new job behind.
     livecopy::socket::check_bindable(&args.socket)?;
     livecopy::socket::check_bindable(&args.control)?;
+    // Credentials too: a bad key file must not leave a new job behind.
+    let tls = server_tls(args)?;
     let plan = if storage::stat_identity(&args.journal)?.is_some()
         || Path::new(&args.journal).is_symlink()
     {
@@ -125,7 +160,12 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
     let unix = nbd::bind_unix(&args.socket, Arc::clone(&plan.device), &args.export)?.spawn();
     let tcp = match &args.tcp {
         Some(addr) => {
-            Some(nbd::bind_tcp(addr.as_str(), Arc::clone(&plan.device), &args.export)?.spawn())
+            let server = nbd::bind_tcp(addr.as_str(), Arc::clone(&plan.device), &args.export)?;
+            let server = match &tls {
+                Some(tls) => server.tls(tls.clone()),
+                None => server,
+            };
+            Some(server.spawn())
         }
         None => None,
     };
@@ -134,6 +174,7 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
         "event": "serving",
         "socket": args.socket,
         "tcp": tcp.as_ref().and_then(|t| t.local_addr()).map(|a| a.to_string()),
+        "tcp_tls": tcp.as_ref().map(|_| tls.is_some()),
         "control": args.control,
         "export": args.export,
         "phase": plan.phase,

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{Broken, Connection, ExportInfo, Failure, Ledger, NbdOptions, lost, open};
+use super::{
+    Broken, ClientTarget, Connection, ExportInfo, Failure, Ledger, NbdOptions, lost, open,
+};
 use crate::nbd::proto::{self, Command};
 use crate::nbd::structured::Extent;
 use crate::storage::location::NbdAddress;
@@ -37,6 +39,8 @@ const LATE_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct Pool {
     address: NbdAddress,
+    /// TLS for every connection, reconnections included.
+    tls: Option<ClientTarget>,
     writable: bool,
     /// What every connection must negotiate: the first one's export.
     info: ExportInfo,
@@ -108,6 +112,7 @@ impl Drop for Busy<'_> {
 impl Pool {
     pub(super) fn new(
         address: NbdAddress,
+        tls: Option<ClientTarget>,
         writable: bool,
         options: NbdOptions,
         first: Connection,
@@ -119,7 +124,13 @@ impl Pool {
             while links.len() < options.connections {
                 // A server that takes fewer connections than we would like
                 // is still served well by those it took.
-                match open(&address, writable, super::HANDSHAKE_TIMEOUT, &ledger) {
+                match open(
+                    &address,
+                    tls.as_ref(),
+                    writable,
+                    super::HANDSHAKE_TIMEOUT,
+                    &ledger,
+                ) {
                     Ok(conn) if same_export(&info, &conn.info).is_ok() => {
                         links.push(Link::new(conn))
                     }
@@ -129,6 +140,7 @@ impl Pool {
         }
         Pool {
             address,
+            tls,
             writable,
             info,
             links,
@@ -395,7 +407,13 @@ impl Pool {
             } else {
                 left.clamp(MIN_ATTEMPT, super::HANDSHAKE_TIMEOUT)
             };
-            let why = match open(&self.address, self.writable, timeout, &self.ledger) {
+            let why = match open(
+                &self.address,
+                self.tls.as_ref(),
+                self.writable,
+                timeout,
+                &self.ledger,
+            ) {
                 Ok(conn) => match same_export(&self.info, &conn.info) {
                     Ok(()) => return Ok(conn),
                     Err(why) => why,

@@ -1,0 +1,529 @@
+//! NBD over TLS: credentials in QEMU's directory layout, the rustls
+//! configurations of both ends, and [`TlsStream`], a TLS session that one
+//! thread reads while others write (the server's reader and its repliers,
+//! the client's callers and its reply reader).
+//!
+//! Credentials (QEMU's `tls-creds-x509` layout, so that one directory
+//! serves QEMU and livecopy alike):
+//! - server: `server-cert.pem` (leaf first, then any intermediates),
+//!   `server-key.pem`, and `ca-cert.pem`, which, when present, makes client
+//!   certificates mandatory and checked against it (mutual TLS);
+//! - client: `ca-cert.pem` (mandatory: the server is always verified), and
+//!   `client-cert.pem` with `client-key.pem` when the server asks for a
+//!   client certificate.
+//!
+//! A key file readable by group or others is refused: whoever reads it can
+//! impersonate its owner. No key, nor anything read from one, is ever put
+//! in an error message.
+//!
+//! rustls checks names against the certificate's subjectAltName only,
+//! never the CN, so certificates need a SAN (DNS or IP address).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig};
+use rustls::{SignatureScheme, client::danger::HandshakeSignatureValid};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use super::Stream;
+use crate::error::{Error, Result};
+
+/// The CA certificate file in a credentials directory.
+pub const CA_CERT: &str = "ca-cert.pem";
+/// The server's certificate chain.
+pub const SERVER_CERT: &str = "server-cert.pem";
+/// The server's private key.
+pub const SERVER_KEY: &str = "server-key.pem";
+/// The client's certificate chain.
+pub const CLIENT_CERT: &str = "client-cert.pem";
+/// The client's private key.
+pub const CLIENT_KEY: &str = "client-key.pem";
+
+/// One crypto provider for the whole crate, chosen explicitly: the process
+/// default is unset when two providers are compiled in.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn bad(path: &Path, why: impl fmt::Display) -> Error {
+    Error::InvalidInput(format!("{}: {why}", path.display()))
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<std::result::Result<Vec<_>, _>>())
+        .map_err(|e| bad(path, format!("cannot read certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad(path, "holds no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+/// Reads a private key, refusing a file group or others may read.
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io_at("stat", path, e))?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(bad(
+            path,
+            format!(
+                "the private key is readable by others (mode {mode:04o}); \
+                 chmod 600 it (or 400)"
+            ),
+        ));
+    }
+    // The parser's error names the PEM problem, never the key's bytes.
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| bad(path, format!("holds no usable PEM private key ({e})")))
+}
+
+fn roots(path: &Path) -> Result<Arc<RootCertStore>> {
+    let mut store = RootCertStore::empty();
+    for cert in certificates(path)? {
+        store
+            .add(cert)
+            .map_err(|e| bad(path, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(Arc::new(store))
+}
+
+fn rustls_error(path: &Path, e: rustls::Error) -> Error {
+    bad(path, format!("refused by TLS: {e}"))
+}
+
+/// The server's TLS configuration from `dir`: its certificate and key, and
+/// with `ca-cert.pem` present, client certificates required and verified
+/// against that CA, then (when `authz` is not empty) required to name one
+/// of `authz` in their subjectAltName.
+///
+/// Without `ca-cert.pem` any client that completes the TLS handshake may
+/// use the export: the link is encrypted but clients are not
+/// authenticated. [`ServerTls::authenticates_clients`] says which.
+pub fn server_config(dir: &Path, authz: &[String]) -> Result<ServerTls> {
+    let cert_path = dir.join(SERVER_CERT);
+    let key_path = dir.join(SERVER_KEY);
+    let certs = certificates(&cert_path)?;
+    let key = private_key(&key_path)?;
+    let ca_path = dir.join(CA_CERT);
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| rustls_error(dir, e))?;
+    let has_ca = ca_path.exists();
+    if !has_ca && !authz.is_empty() {
+        return Err(bad(
+            dir,
+            format!("--tls-authz needs {CA_CERT} to verify client certificates against"),
+        ));
+    }
+    let builder = if has_ca {
+        let inner = WebPkiClientVerifier::builder_with_provider(roots(&ca_path)?, provider())
+            .build()
+            .map_err(|e| bad(&ca_path, format!("cannot verify clients with it: {e}")))?;
+        let names = authz
+            .iter()
+            .map(|n| {
+                ServerName::try_from(n.as_str())
+                    .map(|n| n.to_owned())
+                    .map_err(|_| {
+                        Error::InvalidInput(format!(
+                            "--tls-authz {n:?} is not a DNS name or an IP address"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        builder.with_client_cert_verifier(Arc::new(Authz { inner, names }))
+    } else {
+        builder.with_no_client_auth()
+    };
+    let config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| bad(&cert_path, format!("does not go with {SERVER_KEY}: {e}")))?;
+    Ok(ServerTls {
+        config: Arc::new(config),
+        authenticates_clients: has_ca,
+    })
+}
+
+/// A server's TLS configuration.
+#[derive(Clone)]
+pub struct ServerTls {
+    config: Arc<ServerConfig>,
+    authenticates_clients: bool,
+}
+
+impl ServerTls {
+    /// Whether client certificates are required and verified.
+    pub fn authenticates_clients(&self) -> bool {
+        self.authenticates_clients
+    }
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the configuration: it holds the key.
+        f.debug_struct("ServerTls")
+            .field("authenticates_clients", &self.authenticates_clients)
+            .finish()
+    }
+}
+
+/// The client's TLS configuration from `dir`: the server verified against
+/// `ca-cert.pem`; `client-cert.pem` and `client-key.pem` presented when
+/// both exist.
+pub fn client_config(dir: &Path) -> Result<ClientTls> {
+    let ca_path = dir.join(CA_CERT);
+    if !ca_path.exists() {
+        return Err(bad(
+            dir,
+            format!("no {CA_CERT}: the server's certificate could not be verified"),
+        ));
+    }
+    let roots = roots(&ca_path)?;
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| bad(&ca_path, format!("cannot verify servers with it: {e}")))?;
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| rustls_error(dir, e))?
+        .with_webpki_verifier(verifier);
+    let cert_path = dir.join(CLIENT_CERT);
+    let key_path = dir.join(CLIENT_KEY);
+    let presents_certificate = cert_path.exists();
+    let config = match (cert_path.exists(), key_path.exists()) {
+        (true, true) => builder
+            .with_client_auth_cert(certificates(&cert_path)?, private_key(&key_path)?)
+            .map_err(|e| bad(&cert_path, format!("does not go with {CLIENT_KEY}: {e}")))?,
+        (false, false) => builder.with_no_client_auth(),
+        (true, false) => return Err(bad(dir, format!("{CLIENT_CERT} without {CLIENT_KEY}"))),
+        (false, true) => return Err(bad(dir, format!("{CLIENT_KEY} without {CLIENT_CERT}"))),
+    };
+    Ok(ClientTls {
+        config: Arc::new(config),
+        dir: dir.to_path_buf(),
+        presents_certificate,
+    })
+}
+
+/// A client's TLS configuration.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Arc<ClientConfig>,
+    dir: PathBuf,
+    presents_certificate: bool,
+}
+
+impl ClientTls {
+    /// The directory the credentials came from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether a client certificate is offered to servers that ask.
+    pub fn presents_certificate(&self) -> bool {
+        self.presents_certificate
+    }
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls").field("dir", &self.dir).finish()
+    }
+}
+
+/// The name a server certificate must carry for `host`: an IP address
+/// when `host` is one (checked against IP-address SANs), else a DNS name.
+pub fn server_name(host: &str) -> Result<ServerName<'static>> {
+    ServerName::try_from(host)
+        .map(|n| n.to_owned())
+        .map_err(|_| {
+            Error::InvalidInput(format!(
+                "{host:?} is neither a DNS name nor an IP address a certificate can name"
+            ))
+        })
+}
+
+/// Client certificates verified by webpki, then required to name one of
+/// `names` (when there are any).
+#[derive(Debug)]
+struct Authz {
+    inner: Arc<dyn ClientCertVerifier>,
+    names: Vec<ServerName<'static>>,
+}
+
+impl ClientCertVerifier for Authz {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if self.names.is_empty() {
+            return Ok(verified);
+        }
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        if self
+            .names
+            .iter()
+            .any(|n| cert.verify_is_valid_for_subject_name(n).is_ok())
+        {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+// ---------------------------------------------------------------- stream
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Ciphertext read from the socket and not yet given to rustls.
+struct Input {
+    socket: Stream,
+    pending: Vec<u8>,
+    start: usize,
+    eof: bool,
+}
+
+struct Session {
+    conn: Mutex<rustls::Connection>,
+    /// Held while reading: one reader at a time. Lock order: `input`, then
+    /// `output`, then `conn`.
+    input: Mutex<Input>,
+    /// Held from sealing records until they are on the socket, so that
+    /// records leave in the order they were sealed.
+    output: Mutex<Stream>,
+    /// For shutdown and timeouts.
+    raw: Stream,
+}
+
+/// A TLS session over a Unix or TCP socket. Clones share the session:
+/// one thread may read while others write, which a plain
+/// `rustls::StreamOwned` cannot do (its reads and writes need the same
+/// `&mut`). Reads wait on the socket without holding the session, so a
+/// writer is never stuck behind a reader waiting for data.
+#[derive(Clone)]
+pub struct TlsStream {
+    session: Arc<Session>,
+}
+
+/// How big a chunk of ciphertext one socket read takes.
+const READ_CHUNK: usize = 256 << 10;
+
+fn tls_failed(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
+}
+
+impl TlsStream {
+    /// Runs the server side of the TLS handshake on `socket`.
+    pub fn accept(socket: Stream, tls: &ServerTls) -> io::Result<TlsStream> {
+        let conn = rustls::ServerConnection::new(Arc::clone(&tls.config)).map_err(tls_failed)?;
+        Self::handshake(socket, conn.into())
+    }
+
+    /// Runs the client side of the TLS handshake on `socket`; the server's
+    /// certificate must name `name`.
+    pub fn connect(
+        socket: Stream,
+        tls: &ClientTls,
+        name: ServerName<'static>,
+    ) -> io::Result<TlsStream> {
+        let conn =
+            rustls::ClientConnection::new(Arc::clone(&tls.config), name).map_err(tls_failed)?;
+        Self::handshake(socket, conn.into())
+    }
+
+    fn handshake(socket: Stream, mut conn: rustls::Connection) -> io::Result<TlsStream> {
+        // Replies of up to 32 MiB are sealed in one go.
+        conn.set_buffer_limit(None);
+        let mut raw = socket.try_clone()?;
+        while conn.is_handshaking() {
+            if let Err(e) = conn.complete_io(&mut raw) {
+                // Tell the peer why (the alert is queued), best effort.
+                let _ = conn.write_tls(&mut raw);
+                return Err(match e.kind() {
+                    io::ErrorKind::UnexpectedEof => io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "TLS: the peer closed the connection during the handshake",
+                    ),
+                    _ if e.to_string().starts_with("TLS") => e,
+                    _ => io::Error::new(e.kind(), format!("TLS: {e}")),
+                });
+            }
+        }
+        Ok(TlsStream {
+            session: Arc::new(Session {
+                conn: Mutex::new(conn),
+                input: Mutex::new(Input {
+                    socket: socket.try_clone()?,
+                    pending: Vec::new(),
+                    start: 0,
+                    eof: false,
+                }),
+                output: Mutex::new(socket.try_clone()?),
+                raw: socket,
+            }),
+        })
+    }
+
+    /// The socket under the session.
+    pub(super) fn raw(&self) -> &Stream {
+        &self.session.raw
+    }
+
+    /// Sends a close_notify, best effort: a clean end the peer can tell
+    /// from a cut connection.
+    pub fn close_notify(&self) {
+        let mut out = lock(&self.session.output);
+        let sealed = {
+            let mut conn = lock(&self.session.conn);
+            conn.send_close_notify();
+            seal(&mut conn)
+        };
+        if let Ok(sealed) = sealed {
+            let _ = out.write_all(&sealed);
+        }
+    }
+
+    /// Sends whatever rustls queued (alerts, key updates) while reading.
+    fn flush_queued(&self) -> io::Result<()> {
+        let mut out = lock(&self.session.output);
+        let sealed = seal(&mut lock(&self.session.conn))?;
+        out.write_all(&sealed)
+    }
+}
+
+/// Everything rustls has to send, as bytes for the socket.
+fn seal(conn: &mut rustls::Connection) -> io::Result<Vec<u8>> {
+    let mut sealed = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut sealed)?;
+    }
+    Ok(sealed)
+}
+
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut input = lock(&self.session.input);
+        loop {
+            let mut conn = lock(&self.session.conn);
+            match conn.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The peer closed without close_notify. NBD frames its
+                // messages, so a cut message is still an error to the
+                // caller; between messages it is an end like any other.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            let input = &mut *input;
+            if input.start < input.pending.len() || input.eof {
+                let mut rest = &input.pending[input.start..];
+                let fed = conn.read_tls(&mut rest)?;
+                input.start += fed;
+                if input.start == input.pending.len() {
+                    input.pending.clear();
+                    input.start = 0;
+                }
+                let processed = conn.process_new_packets();
+                let queued = conn.wants_write();
+                drop(conn);
+                if queued {
+                    // An alert on failure; a key update or ticket otherwise.
+                    let _ = self.flush_queued();
+                }
+                processed.map_err(tls_failed)?;
+                if input.eof && fed == 0 && input.pending.is_empty() {
+                    // rustls has seen the end and has nothing left.
+                    let mut conn = lock(&self.session.conn);
+                    return match conn.reader().read(buf) {
+                        Ok(n) => Ok(n),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                        Err(e) => Err(e),
+                    };
+                }
+                continue;
+            }
+            drop(conn);
+            let mut chunk = vec![0u8; READ_CHUNK];
+            let n = loop {
+                match input.socket.read(&mut chunk) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other?,
+                }
+            };
+            if n == 0 {
+                input.eof = true;
+            } else {
+                chunk.truncate(n);
+                input.pending = chunk;
+                input.start = 0;
+            }
+        }
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut out = lock(&self.session.output);
+        let sealed = {
+            let mut conn = lock(&self.session.conn);
+            conn.writer().write_all(buf)?;
+            seal(&mut conn)?
+        };
+        out.write_all(&sealed)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
