@@ -1,9 +1,11 @@
 //! An NBD server: exports one [`ExportDevice`] to QEMU (and any other NBD
-//! client) over a Unix socket or, when asked, TCP.
+//! client) over a Unix socket or, when asked, TCP (with TLS).
 //!
 //! What it speaks (NBD `doc/proto.md`): fixed newstyle negotiation with
 //! `NBD_OPT_GO`/`NBD_OPT_INFO`, `NBD_OPT_LIST`, `NBD_OPT_EXPORT_NAME` and
-//! `NBD_OPT_ABORT`; every other option is answered `NBD_REP_ERR_UNSUP`, so
+//! `NBD_OPT_ABORT`, and `NBD_OPT_STARTTLS` when [`Server::tls`] requires
+//! TLS (then nothing else is answered before it); every other option is
+//! answered `NBD_REP_ERR_UNSUP`, so
 //! QEMU 10 (which asks for extended headers and structured replies first)
 //! falls back to simple replies. Commands: READ, WRITE, FLUSH, TRIM,
 //! WRITE_ZEROES and DISC, with the FUA flag. Transmission flags advertise

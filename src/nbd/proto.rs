@@ -8,7 +8,8 @@
 //! big-endian (NBD `doc/proto.md`, "Conventions").
 //!
 //! Only what this server speaks is here: fixed newstyle negotiation, simple
-//! replies, no structured replies, no extended headers, no TLS.
+//! replies, no structured replies, no extended headers; STARTTLS's option
+//! number only (TLS itself is in `tls`).
 
 // NBD is big-endian by specification; the crate denies big-endian byte
 // conversions elsewhere because the journal is little-endian.
@@ -58,7 +59,7 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// Option: list the exports.
 pub const OPT_LIST: u32 = 3;
-/// Option: start TLS (not supported here).
+/// Option: start TLS (the server with `Server::tls`, and `nbds` clients).
 pub const OPT_STARTTLS: u32 = 5;
 /// Option: describe an export.
 pub const OPT_INFO: u32 = 6;

@@ -181,8 +181,13 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
         "authoritative": plan.authoritative.name(),
         "pid": std::process::id(),
     });
+    let tcp_human = match tcp.as_ref().and_then(|t| t.local_addr()) {
+        Some(addr) if tls.is_some() => format!(" and TCP {addr} (TLS required)"),
+        Some(addr) => format!(" and TCP {addr} (PLAIN TEXT)"),
+        None => String::new(),
+    };
     let human = format!(
-        "serving {} export {:?} on {} ({}; {} authoritative); control on {}\n",
+        "serving {} export {:?} on {}{tcp_human} ({}; {} authoritative); control on {}\n",
         if plan._job.is_some() {
             "the live copy as"
         } else {
