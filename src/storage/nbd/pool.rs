@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{
-    Broken, ClientTarget, Connection, ExportInfo, Failure, Ledger, NbdOptions, lost, open,
-};
+use super::conn::{Broken, Connection, Failure, Ledger, lost};
+use super::handshake::{ClientTarget, open};
+use super::{ExportInfo, NbdOptions};
 use crate::nbd::proto::{self, Command};
 use crate::nbd::structured::Extent;
 use crate::storage::location::NbdAddress;
