@@ -117,7 +117,13 @@ pub fn server_config(dir: &Path, authz: &[String]) -> Result<ServerTls> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| rustls_error(dir, e))?;
-    let has_ca = ca_path.exists();
+    // Any entry by that name counts, a dangling symlink included: it must
+    // load, or client authentication would quietly be off.
+    let has_ca = match ca_path.symlink_metadata() {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io_at("stat", &ca_path, e)),
+    };
     if !has_ca && !authz.is_empty() {
         return Err(bad(
             dir,
@@ -279,11 +285,7 @@ impl ClientCertVerifier for Authz {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| {
             rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
         })?;
-        if self
-            .names
-            .iter()
-            .any(|n| cert.verify_is_valid_for_subject_name(n).is_ok())
-        {
+        if self.names.iter().any(|n| names_exactly(&cert, n)) {
             Ok(verified)
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -312,6 +314,28 @@ impl ClientCertVerifier for Authz {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+/// Whether `cert` names `name` itself, not through a wildcard: webpki's
+/// check is a client's check of a server, where `*.corp.example` stands
+/// for `client.corp.example`; an allow-list of client names means those
+/// names exactly. A DNS name is therefore also tried with its first label
+/// replaced by one no certificate names: a certificate valid for that too
+/// matches through a wildcard, and is refused.
+fn names_exactly(cert: &webpki::EndEntityCert<'_>, name: &ServerName<'_>) -> bool {
+    if cert.verify_is_valid_for_subject_name(name).is_err() {
+        return false;
+    }
+    let ServerName::DnsName(dns) = name else {
+        return true;
+    };
+    let Some((_, rest)) = dns.as_ref().split_once('.') else {
+        return true;
+    };
+    match ServerName::try_from(format!("livecopy-authz-probe-0f3a9c.{rest}")) {
+        Ok(probe) => cert.verify_is_valid_for_subject_name(&probe).is_err(),
+        Err(_) => true,
     }
 }
 

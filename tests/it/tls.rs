@@ -856,3 +856,66 @@ fn copy_into_a_tls_export_and_recover_says_tls() {
     server2.shutdown().unwrap();
     server.shutdown().unwrap();
 }
+
+/// `--tls-authz` names client certificates exactly: a certificate for
+/// `*.corp.example`, signed by the right CA, does not pass as
+/// `client.corp.example`; one for `client.corp.example` does.
+#[test]
+fn tls_authz_never_matches_a_wildcard_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("authz CA");
+    let server = creds(
+        &dir.path().join("server"),
+        &ca,
+        &ca,
+        Role::Server,
+        &["127.0.0.1"],
+    );
+    for (name, admitted) in [("*.corp.example", false), ("client.corp.example", true)] {
+        let client = creds(
+            &dir.path().join(format!("client-{admitted}")),
+            &ca,
+            &ca,
+            Role::Client,
+            &[name],
+        );
+        let config = tls::server_config(&server, &["client.corp.example".to_string()]).unwrap();
+        let srv = bind_tcp("127.0.0.1:0", MemDevice::new(MIB), "disk")
+            .unwrap()
+            .tls(config)
+            .spawn();
+        let port = srv.local_addr().unwrap().port();
+        let uri = format!(
+            "nbds://127.0.0.1:{port}/disk?tls-certificates={}",
+            client.display()
+        );
+        let Location::Nbd(address) = Location::parse(&uri).unwrap() else {
+            unreachable!("an nbds URI")
+        };
+        let outcome = NbdStorage::connect_with(&address, true, NbdOptions::default());
+        assert_eq!(outcome.is_ok(), admitted, "client certificate for {name}");
+    }
+}
+
+/// A `ca-cert.pem` that is a dangling symlink is refused at start, instead
+/// of quietly serving without client authentication.
+#[test]
+fn a_dangling_ca_certificate_link_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("dangling CA");
+    let server = creds(
+        &dir.path().join("server"),
+        &ca,
+        &ca,
+        Role::Server,
+        &["127.0.0.1"],
+    );
+    std::fs::remove_file(server.join(tls::CA_CERT)).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/ca.pem", server.join(tls::CA_CERT)).unwrap();
+    let refused = tls::server_config(&server, &[]).err().expect("refused");
+    assert!(
+        refused.describe().contains("ca-cert.pem"),
+        "{}",
+        refused.describe()
+    );
+}
