@@ -912,7 +912,7 @@ fn a_dangling_ca_certificate_link_is_refused() {
     );
     std::fs::remove_file(server.join(tls::CA_CERT)).unwrap();
     std::os::unix::fs::symlink("/nonexistent/ca.pem", server.join(tls::CA_CERT)).unwrap();
-    let refused = tls::server_config(&server, &[]).err().expect("refused");
+    let refused = tls::server_config(&server, &[]).expect_err("refused");
     assert!(
         refused.describe().contains("ca-cert.pem"),
         "{}",
