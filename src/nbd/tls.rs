@@ -70,7 +70,10 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 
 /// Reads a private key, refusing a file group or others may read.
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io_at("stat", path, e))?;
+    // One open: the mode checked is the mode of the file parsed, whatever
+    // happens to the path in between.
+    let file = std::fs::File::open(path).map_err(|e| Error::io_at("open", path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io_at("stat", path, e))?;
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(bad(
@@ -82,7 +85,7 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
         ));
     }
     // The parser's error names the PEM problem, never the key's bytes.
-    PrivateKeyDer::from_pem_file(path)
+    PrivateKeyDer::from_pem_reader(std::io::BufReader::new(file))
         .map_err(|e| bad(path, format!("holds no usable PEM private key ({e})")))
 }
 
