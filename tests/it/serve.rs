@@ -1275,6 +1275,22 @@ pub(crate) fn guest_writer(
     log: &Mutex<Vec<Batch>>,
     acked: &AtomicUsize,
 ) {
+    guest_writer_over(url, &[], order, seed, stop, log, acked);
+}
+
+/// [`guest_writer`] through `target` with extra qemu-io `options` (a TLS
+/// credentials object, say).
+pub(crate) fn guest_writer_over(
+    target: &str,
+    options: &[String],
+    order: &[u64],
+    seed: u64,
+    stop: &AtomicBool,
+    log: &Mutex<Vec<Batch>>,
+    acked: &AtomicUsize,
+) {
+    let mut options_args: Vec<&str> = vec!["-t", "writeback"];
+    options_args.extend(options.iter().map(String::as_str));
     let mut rng = Rng(seed);
     let mut next = 0;
     while !stop.load(Ordering::Acquire) && next < order.len() {
@@ -1286,7 +1302,7 @@ pub(crate) fn guest_writer(
             .map(|&r| format!("write -P {} {} 64k", guest_byte(r), r * REGION))
             .collect();
         commands.push("flush".into());
-        let out = qemu_io(url, &["-t", "writeback"], &commands);
+        let out = qemu_io(target, &options_args, &commands);
         let ok = out.code == 0
             && !out.all().contains("failed")
             && regions.iter().all(|r| {
@@ -1333,12 +1349,59 @@ struct KillReport {
 
 const KILL_SIZE: u64 = 32 * MIB;
 
-fn kill_once(iteration: usize, seed: u64, target: Target, source: &[u8]) -> KillReport {
+/// How the guest reaches serve.
+#[derive(Clone, Copy)]
+enum GuestLink<'a> {
+    /// The NBD Unix socket.
+    Unix,
+    /// TCP on 127.0.0.1 with TLS: serve's credentials and the guest's.
+    Tls { server: &'a Path, client: &'a Path },
+}
+
+fn kill_once(
+    iteration: usize,
+    seed: u64,
+    target: Target,
+    source: &[u8],
+    link: GuestLink,
+) -> KillReport {
     let mut rng = Rng(seed);
     let layout = Layout::with_source(source);
     // 32 MiB at 32 MiB/s: about a second of copying.
-    let mut serve = layout.serve("", &["--bandwidth", "32M"]);
-    let url = serve.url();
+    let mut extra = vec!["--bandwidth", "32M"];
+    if let GuestLink::Tls { server, .. } = link {
+        extra.extend(["--tcp", "127.0.0.1:0", "--tls-creds", path_str(server)]);
+    }
+    let mut serve = layout.serve("", &extra);
+    let (url, options) = match link {
+        GuestLink::Unix => (serve.url(), Vec::new()),
+        GuestLink::Tls { client, .. } => {
+            let announced = &serve.announced;
+            assert_eq!(announced["tcp_tls"], true, "{announced}");
+            let addr: std::net::SocketAddr = announced["tcp"]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no TCP address announced: {announced}"));
+            // With -f raw, json: names the format node, NBD under it.
+            let image = serde_json::json!({
+                "driver": "raw",
+                "file": {
+                    "driver": "nbd",
+                    "server": {"type": "inet", "host": "127.0.0.1", "port": addr.port().to_string()},
+                    "export": announced["export"],
+                    "tls-creds": "tls0",
+                },
+            });
+            let object = format!(
+                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                client.display()
+            );
+            (
+                format!("json:{image}"),
+                vec!["--object".to_string(), object],
+            )
+        }
+    };
     let regions = KILL_SIZE / REGION;
     let mut order: Vec<u64> = (0..regions).collect();
     rng.shuffle(&mut order);
@@ -1352,7 +1415,7 @@ fn kill_once(iteration: usize, seed: u64, target: Target, source: &[u8]) -> Kill
     );
     std::thread::scope(|scope| {
         let _stop_writer = StopOnDrop(&stop);
-        scope.spawn(|| guest_writer(&url, &order, writer_seed, &stop, &log, &acked));
+        scope.spawn(|| guest_writer_over(&url, &options, &order, writer_seed, &stop, &log, &acked));
         let mut ctl = serve.control();
         match target {
             Target::Copying => {
@@ -1476,13 +1539,8 @@ fn kill_once(iteration: usize, seed: u64, target: Target, source: &[u8]) -> Kill
     }
 }
 
-#[test]
-fn kill_serve_at_random_moments_and_recover_every_acknowledged_write() {
-    let kills: usize = std::env::var("LIVECOPY_KILLS")
-        .ok()
-        .map(|v| v.parse().expect("LIVECOPY_KILLS is a number"))
-        .unwrap_or(20);
-    assert!(kills > 0, "LIVECOPY_KILLS must be at least 1");
+/// LIVECOPY_SEED, or one from the clock; printed for a replay.
+fn kill_seed(what: &str) -> u64 {
     let seed: u64 = match std::env::var("LIVECOPY_SEED") {
         Ok(v) => v.parse().expect("LIVECOPY_SEED is a number"),
         Err(_) => std::time::SystemTime::now()
@@ -1490,7 +1548,18 @@ fn kill_serve_at_random_moments_and_recover_every_acknowledged_write() {
             .expect("clock")
             .as_nanos() as u64,
     };
-    println!("serve kill test: seed {seed} (replay with LIVECOPY_SEED={seed})");
+    println!("{what}: seed {seed} (replay with LIVECOPY_SEED={seed})");
+    seed
+}
+
+#[test]
+fn kill_serve_at_random_moments_and_recover_every_acknowledged_write() {
+    let kills: usize = std::env::var("LIVECOPY_KILLS")
+        .ok()
+        .map(|v| v.parse().expect("LIVECOPY_KILLS is a number"))
+        .unwrap_or(20);
+    assert!(kills > 0, "LIVECOPY_KILLS must be at least 1");
+    let seed = kill_seed("serve kill test");
     let started = Instant::now();
     let source = source_contents(KILL_SIZE);
     let mut rng = Rng(seed);
@@ -1504,7 +1573,7 @@ fn kill_serve_at_random_moments_and_recover_every_acknowledged_write() {
     let mut slowest = Duration::ZERO;
     for (i, &target) in targets.iter().enumerate() {
         let one = Instant::now();
-        let report = kill_once(i, rng.next(), target, &source);
+        let report = kill_once(i, rng.next(), target, &source, GuestLink::Unix);
         slowest = slowest.max(one.elapsed());
         *aimed.entry(target.name()).or_default() += 1;
         let place = match (target, report.phase.as_str()) {
@@ -1526,6 +1595,60 @@ fn kill_serve_at_random_moments_and_recover_every_acknowledged_write() {
          {unwritten} never-written regions checked, all intact",
         started.elapsed().as_secs_f64(),
         slowest.as_secs_f64()
+    );
+}
+
+/// The kill test once per phase, with the guest writing over TCP and TLS
+/// (`serve --tcp 127.0.0.1:0 --tls-creds`, a client certificate from the
+/// same CA) instead of the Unix socket: acknowledged writes that crossed
+/// TLS records survive every kill and the recovery.
+#[test]
+fn kill_serve_with_the_guest_on_tls_and_recover_every_acknowledged_write() {
+    use crate::tls::{Ca, Role, creds};
+    let seed = kill_seed("serve TLS kill test");
+    let pki = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("kill test CA");
+    let server = creds(
+        &pki.path().join("server"),
+        &ca,
+        &ca,
+        Role::Server,
+        &["127.0.0.1"],
+    );
+    let client = creds(
+        &pki.path().join("client"),
+        &ca,
+        &ca,
+        Role::Client,
+        &["guest.example"],
+    );
+    let link = GuestLink::Tls {
+        server: &server,
+        client: &client,
+    };
+    let started = Instant::now();
+    let source = source_contents(KILL_SIZE);
+    let mut rng = Rng(seed);
+    let mut targets = Target::ALL.to_vec();
+    rng.shuffle(&mut targets);
+    let mut landed = Vec::new();
+    let mut batches = 0;
+    for (i, &target) in targets.iter().enumerate() {
+        let report = kill_once(i, rng.next(), target, &source, link);
+        landed.push(format!(
+            "{} -> {} -> {}",
+            target.name(),
+            report.phase,
+            report.authoritative
+        ));
+        batches += report.acked_batches;
+    }
+    assert!(batches > 0, "no acknowledged batch over TLS");
+    println!(
+        "serve TLS kill test: {} kills in {:.1} s; {landed:?}; {batches} acknowledged \
+         batches, all intact",
+        targets.len(),
+        started.elapsed().as_secs_f64()
     );
 }
 
