@@ -7,7 +7,7 @@
 //! bench/run --quick    # smoke: small images, 1 repetition; writes target/bench-work/BENCHMARKS.quick.md
 //! ```
 //!
-//! Options: `--reps N`, `--only 1,3,5` (scenario numbers, 1-8), `--work DIR`,
+//! Options: `--reps N`, `--only 1,3,5` (scenario numbers, 1-9), `--work DIR`,
 //! `--out FILE`, `--copyctl PATH`, `--tuning '--workers 4'` (extra options
 //! for `copyctl copy` and `copyctl serve`). Timing never asserts anything: the
 //! harness reports figures and says which targets they meet.
@@ -21,6 +21,7 @@ mod remote;
 mod report;
 mod serving;
 mod simple;
+mod tls;
 mod writer;
 
 use std::collections::BTreeSet;
@@ -236,7 +237,7 @@ fn real_main() -> Res<()> {
     let started = Instant::now();
     let wanted = |n: u32| args.only.as_ref().is_none_or(|s| s.contains(&n));
 
-    let needs_full = [1, 3, 4, 6, 7, 8].iter().any(|&n| wanted(n));
+    let needs_full = [1, 3, 4, 6, 7, 8, 9].iter().any(|&n| wanted(n));
     if needs_full {
         let t = Instant::now();
         util::write_full_image(&ctx.full_image(), ctx.sizes.full.max(ctx.sizes.live), 1)?;
@@ -247,7 +248,7 @@ fn real_main() -> Res<()> {
         );
     }
     type Scenario = fn(&mut Ctx) -> Res<()>;
-    let scenarios: [(u32, &str, Scenario); 8] = [
+    let scenarios: [(u32, &str, Scenario); 9] = [
         (5, "journal commit vs pwrite + fdatasync", journal::run),
         (1, "bulk copy", simple::bulk),
         (2, "sparse copy", simple::sparse),
@@ -260,6 +261,7 @@ fn real_main() -> Res<()> {
             "remote: live copy into an export in another network namespace",
             remote::run,
         ),
+        (9, "NBD over TLS", tls::run),
     ];
     for (n, name, f) in scenarios {
         if !wanted(n) {
@@ -544,6 +546,27 @@ fn targets(r: &mut Report) {
         {
             r.target(
                 &format!("4. NBD {what} within 10% of qemu-nbd"),
+                format!(
+                    "{} MiB/s vs {} MiB/s: ratio {:.2} (needs >= 0.90)",
+                    fmt(ours),
+                    fmt(q),
+                    ours / q
+                ),
+                Some(ours >= 0.9 * q),
+            );
+        }
+    }
+    // 9. NBD over TLS.
+    for (key, what) in [
+        ("tls.read4k", "4 KiB reads"),
+        ("tls.write4k", "4 KiB writes"),
+        ("tls.read64k", "64 KiB reads"),
+        ("tls.write64k", "64 KiB writes"),
+    ] {
+        if let (Some(ours), Some(q)) = (f(r, &format!("{key}.ours")), f(r, &format!("{key}.peer")))
+        {
+            r.target(
+                &format!("9. NBD {what} through TLS at least 0.9x qemu-nbd's (same credentials)"),
                 format!(
                     "{} MiB/s vs {} MiB/s: ratio {:.2} (needs >= 0.90)",
                     fmt(ours),

@@ -47,6 +47,19 @@ pub fn start_serve_in(
     dst: &Path,
     tag: &str,
 ) -> Res<Serve> {
+    start_serve_with(ctx, netns, journal, src, dst, tag, &[])
+}
+
+/// The same, with `extra` options for `copyctl serve` (e.g. `--tcp`).
+pub fn start_serve_with(
+    ctx: &Ctx,
+    netns: Option<&str>,
+    journal: &Path,
+    src: &Path,
+    dst: &Path,
+    tag: &str,
+    extra: &[String],
+) -> Res<Serve> {
     let nbd = ctx.path(&format!("{tag}.nbd"));
     let control = ctx.path(&format!("{tag}.ctl"));
     remove(&nbd)?;
@@ -65,6 +78,7 @@ pub fn start_serve_in(
         .arg(&nbd)
         .arg("--control")
         .arg(&control)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -127,8 +141,16 @@ fn start_qemu_nbd(ctx: &Ctx, image: &Path) -> Res<(Guard, String)> {
 
 /// One `qemu-img bench`; returns MiB/s by qemu-img's own clock.
 fn bench(uri: &str, write: bool, size: u64, count: u64) -> Res<f64> {
+    bench_on(&["-f".into(), "raw".into()], uri, write, size, count)
+}
+
+/// One `qemu-img bench` with `how` (the format, or `--object ...
+/// --image-opts`) before the image `name`; MiB/s by qemu-img's own clock.
+pub fn bench_on(how: &[String], name: &str, write: bool, size: u64, count: u64) -> Res<f64> {
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["bench", "-f", "raw", "-d", "16"])
+    cmd.arg("bench")
+        .args(how)
+        .args(["-d", "16"])
         .arg("-c")
         .arg(count.to_string())
         .arg("-s")
@@ -136,7 +158,7 @@ fn bench(uri: &str, write: bool, size: u64, count: u64) -> Res<f64> {
     if write {
         cmd.args(["-w", "--pattern=90"]);
     }
-    cmd.arg(uri);
+    cmd.arg(name);
     let out = run_cmd(&mut cmd)?;
     let text = String::from_utf8_lossy(&out.stdout);
     let seconds: f64 = text
@@ -148,10 +170,12 @@ fn bench(uri: &str, write: bool, size: u64, count: u64) -> Res<f64> {
     Ok((count * size) as f64 / MIB as f64 / seconds)
 }
 
-pub fn run(ctx: &mut Ctx) -> Res<()> {
+/// A copy of the full image whose journal is completed, so `copyctl serve`
+/// on it serves the image itself: (source, image, journal).
+pub fn completed_copy(ctx: &Ctx, tag: &str) -> Res<(PathBuf, PathBuf, PathBuf)> {
     let src = ctx.full_image();
-    let image = ctx.path("nbd.raw");
-    let journal = ctx.path("nbd.journal");
+    let image = ctx.path(&format!("{tag}.raw"));
+    let journal = ctx.path(&format!("{tag}.journal"));
     remove(&image)?;
     remove_journal(&journal)?;
     run_cmd(
@@ -162,6 +186,23 @@ pub fn run(ctx: &mut Ctx) -> Res<()> {
             .arg(&image),
     )?;
     crate::util::sync_everything()?;
+    Ok((src, image, journal))
+}
+
+/// The four `qemu-img bench` cases of scenarios 4 and 9: (key suffix, what,
+/// write, request size, count).
+pub fn cases(ctx: &Ctx) -> [(&'static str, &'static str, bool, u64, u64); 4] {
+    let s = &ctx.sizes;
+    [
+        ("read4k", "4 KiB reads", false, 4096, s.nbd_4k_reads),
+        ("write4k", "4 KiB writes", true, 4096, s.nbd_4k_writes),
+        ("read64k", "64 KiB reads", false, 65536, s.nbd_64k),
+        ("write64k", "64 KiB writes", true, 65536, s.nbd_64k),
+    ]
+}
+
+pub fn run(ctx: &mut Ctx) -> Res<()> {
+    let (src, image, journal) = completed_copy(ctx, "nbd")?;
     let size = std::fs::metadata(&image).ctx(|| "stat".into())?.len();
     let s = &ctx.sizes;
     let cases: [(&str, &str, bool, u64, u64); 4] = [
