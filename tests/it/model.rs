@@ -242,16 +242,31 @@ fn execute(ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 fn mark_upcoming(model: &mut Model, later: u8) {
-    // Until the next crash, journal writes alternate copy A and copy B of
-    // consecutive records, starting with the record after the acknowledged
-    // one.
-    let seq = model.acked_seq + 1 + u64::from(later / 2);
-    let slot = (seq % u64::from(SLOTS)) as u8;
-    model.damaged[Position::Slot {
-        slot,
-        copy: later % 2,
+    // Until the next crash, journal writes go copy A, copy B (and, for a
+    // record that changes sides, the seal) of consecutive records, starting
+    // with the record after the acknowledged one. Which records will be
+    // sealed is not known yet, so every block the write `later` from now
+    // can land on counts as damaged: each commit writes 2 or 3 blocks.
+    let later = usize::from(later);
+    for sealed in 0u32..1 << (later + 1) {
+        let mut index = 0;
+        for commit in 0..=later {
+            let writes = if sealed & (1 << commit) != 0 { 3 } else { 2 };
+            if later < index + writes {
+                let seq = model.acked_seq + 1 + commit as u64;
+                let position = match later - index {
+                    2 => Position::Seal,
+                    copy => Position::Slot {
+                        slot: (seq % u64::from(SLOTS)) as u8,
+                        copy: copy as u8,
+                    },
+                };
+                model.damaged[position.block()] = true;
+                break;
+            }
+            index += writes;
+        }
     }
-    .block()] = true;
 }
 
 /// Recovers like a restarting engine: analyse, repair, resume. Returns the
