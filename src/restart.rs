@@ -54,7 +54,7 @@ fn authority(recovered: Recovered) -> Authority {
     let record = &recovered.record;
     let image = record.image(record.authoritative);
     let mut warnings = recovered.warnings.clone();
-    warnings.extend(image_warning(image));
+    warnings.extend(image_warning(image, &crate::storage::NbdOptions::default()));
     Authority {
         side: record.authoritative,
         image: PathBuf::from(image.name()),
@@ -68,11 +68,12 @@ fn authority(recovered: Recovered) -> Authority {
 /// is. A file: the same device, inode and size at its path. An export: it
 /// answers (read-only) with the same size; a server that is down or
 /// unreachable is a warning too (the verdict stands; the guest cannot boot
-/// from it until it is back).
-pub fn image_warning(image: &ImageRef) -> Option<String> {
+/// from it until it is back). `nbd` holds what an export needs to be
+/// reached (TLS credentials for an `nbds` address that names none).
+pub fn image_warning(image: &ImageRef, nbd: &crate::storage::NbdOptions) -> Option<String> {
     let image = match image {
         ImageRef::File(image) => image,
-        ImageRef::Export(export) => return export_warning(export),
+        ImageRef::Export(export) => return export_warning(export, nbd),
     };
     match crate::storage::stat_identity(Path::new(&image.path)) {
         Ok(None) => Some(format!(
@@ -92,10 +93,13 @@ pub fn image_warning(image: &ImageRef) -> Option<String> {
     }
 }
 
-fn export_warning(export: &crate::journal::ExportRecord) -> Option<String> {
-    use crate::storage::{AnyImage, Location, NbdOptions, Storage};
-    let opened = Location::parse(&export.uri)
-        .and_then(|location| AnyImage::open(&location, false, &NbdOptions::default()));
+fn export_warning(
+    export: &crate::journal::ExportRecord,
+    nbd: &crate::storage::NbdOptions,
+) -> Option<String> {
+    use crate::storage::{AnyImage, Location, Storage};
+    let opened =
+        Location::parse(&export.uri).and_then(|location| AnyImage::open(&location, false, nbd));
     match opened.map(|image| image.len()) {
         Ok(Ok(size)) if size == export.size => None,
         Ok(Ok(size)) => Some(format!(

@@ -577,6 +577,25 @@ fn targets(r: &mut Report) {
             );
         }
     }
+    for (key, what) in [
+        ("tls.live.ready", "time to Ready of a live copy into a remote export"),
+        ("tls.copy", "copyctl copy into a remote export"),
+    ] {
+        if let (Some(ours), Some(clear)) =
+            (f(r, &format!("{key}.ours")), f(r, &format!("{key}.peer")))
+        {
+            r.target(
+                &format!("9. {what} over TLS at most 1.2x the same in clear"),
+                format!(
+                    "{} s vs {} s: ratio {:.2} (needs <= 1.20)",
+                    fmt(ours),
+                    fmt(clear),
+                    ours / clear
+                ),
+                Some(ours <= 1.2 * clear),
+            );
+        }
+    }
     // 5. Journal.
     if let (Some(ours), Some(bare)) = (f(r, "journal.commit.ours"), f(r, "journal.commit.peer")) {
         r.target(

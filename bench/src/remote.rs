@@ -33,7 +33,8 @@ use serde_json::{Value, json};
 use crate::live::{AFTER_SWITCH, LiveRun, Series, WARM_OPS, copy_windows, ready_timeout, show};
 use crate::qmp::{Events, Qmp, control};
 use crate::report::Better;
-use crate::serving::start_serve_in;
+use crate::serving::start_serve_with;
+use crate::tls::Creds;
 use crate::util::{
     Context, Guard, Res, between, command_in, create_sparse, median, remove, remove_journal,
     run_timed, same_contents, secs, sync_everything, wait_for_path,
@@ -156,22 +157,37 @@ impl Export {
     }
 }
 
-fn start_export(ctx: &Ctx, ns: &Netns, size: u64, delay: Option<u32>) -> Res<Export> {
+/// With `tls`, the export requires TLS with the server credentials
+/// (client certificates verified, QEMU's default) and the address is
+/// `nbds://`.
+fn start_export(
+    ctx: &Ctx,
+    ns: &Netns,
+    size: u64,
+    delay: Option<u32>,
+    tls: Option<&Creds>,
+) -> Res<Export> {
     let dst = dst_path(ctx);
     create_sparse(&dst, size)?;
-    let (qsd, qmp) = start_qsd(
-        ctx,
-        &ns.a,
-        "remote-a",
-        &[
-            "--blockdev".into(),
-            format!("driver=file,filename={},node-name=dst", dst.display()),
-            "--nbd-server".into(),
-            format!("addr.type=inet,addr.host={ADDR_A},addr.port={QSD_PORT}"),
-            "--export".into(),
-            format!("type=nbd,id=exp,node-name=dst,name={EXPORT},writable=on"),
-        ],
-    )?;
+    let mut options: Vec<String> = Vec::new();
+    let mut server_tls = String::new();
+    if let Some(creds) = tls {
+        options.push("--object".into());
+        options.push(format!(
+            "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+            creds.server.display()
+        ));
+        server_tls.push_str(",tls-creds=tls0");
+    }
+    options.extend([
+        "--blockdev".into(),
+        format!("driver=file,filename={},node-name=dst", dst.display()),
+        "--nbd-server".into(),
+        format!("addr.type=inet,addr.host={ADDR_A},addr.port={QSD_PORT}{server_tls}"),
+        "--export".into(),
+        format!("type=nbd,id=exp,node-name=dst,name={EXPORT},writable=on"),
+    ]);
+    let (qsd, qmp) = start_qsd(ctx, &ns.a, "remote-a", &options)?;
     let (proxy, port) = match delay {
         None => (None, QSD_PORT),
         Some(ms) => {
@@ -201,7 +217,10 @@ fn start_export(ctx: &Ctx, ns: &Netns, size: u64, delay: Option<u32>) -> Res<Exp
         proxy,
         qmp,
         qsd,
-        uri: format!("nbd://{ADDR_A}:{port}/{EXPORT}"),
+        uri: format!(
+            "{}://{ADDR_A}:{port}/{EXPORT}",
+            if tls.is_some() { "nbds" } else { "nbd" }
+        ),
         port,
     })
 }
@@ -255,7 +274,7 @@ fn finish_writer(
 /// QEMU's mirror from a source daemon in B into the export in A.
 fn qemu_live(ctx: &mut Ctx, ns: &Netns, delay: Option<u32>, seed: u64) -> Res<LiveRun> {
     let size = src_size(ctx)?;
-    let export = start_export(ctx, ns, size, delay)?;
+    let export = start_export(ctx, ns, size, delay, None)?;
     sync_everything()?;
     let nbd = ctx.path("remote-b.nbd");
     remove(&nbd)?;
@@ -339,20 +358,33 @@ fn qemu_live(ctx: &mut Ctx, ns: &Netns, delay: Option<u32>, seed: u64) -> Res<Li
 }
 
 /// `copyctl serve` in B, its destination the export in A.
-fn ours_live(ctx: &mut Ctx, ns: &Netns, delay: Option<u32>, seed: u64) -> Res<LiveRun> {
+/// copyctl's options for reaching the export (`--tls-creds` with TLS).
+fn client_tls(tls: Option<&Creds>) -> Vec<String> {
+    tls.map(|creds| vec!["--tls-creds".into(), creds.client.display().to_string()])
+        .unwrap_or_default()
+}
+
+fn ours_live(
+    ctx: &mut Ctx,
+    ns: &Netns,
+    delay: Option<u32>,
+    tls: Option<&Creds>,
+    seed: u64,
+) -> Res<LiveRun> {
     let size = src_size(ctx)?;
-    let export = start_export(ctx, ns, size, delay)?;
+    let export = start_export(ctx, ns, size, delay, tls)?;
     let journal = ctx.path("remote-live.journal");
     remove_journal(&journal)?;
     sync_everything()?;
     let t = Duration::from_secs(10);
-    let mut serve = start_serve_in(
+    let mut serve = start_serve_with(
         ctx,
         Some(&ns.b),
         &journal,
         &ctx.full_image(),
         Path::new(&export.uri),
         "remote-live",
+        &client_tls(tls),
     )?;
     let t0 = serve.spawned;
     let mut events = Events::subscribe(&serve.control, t)?;
@@ -403,9 +435,16 @@ enum Tool {
 
 /// One plain copy of the source into a fresh export, from spawn to exit.
 /// `check`: compare the destination with the source afterwards.
-fn plain_copy(ctx: &Ctx, ns: &Netns, delay: Option<u32>, tool: Tool, check: bool) -> Res<f64> {
+fn plain_copy(
+    ctx: &Ctx,
+    ns: &Netns,
+    delay: Option<u32>,
+    tls: Option<&Creds>,
+    tool: Tool,
+    check: bool,
+) -> Res<f64> {
     let src = ctx.full_image();
-    let export = start_export(ctx, ns, src_size(ctx)?, delay)?;
+    let export = start_export(ctx, ns, src_size(ctx)?, delay, tls)?;
     let journal = ctx.path("remote-copy.journal");
     remove_journal(&journal)?;
     sync_everything()?;
@@ -414,6 +453,7 @@ fn plain_copy(ctx: &Ctx, ns: &Netns, delay: Option<u32>, tool: Tool, check: bool
             let mut c = command_in(Some(&ns.b), &ctx.copyctl);
             c.args(["--output", "json", "copy"])
                 .args(&ctx.tuning)
+                .args(client_tls(tls))
                 .arg("--journal")
                 .arg(&journal);
             c
@@ -486,6 +526,85 @@ fn unmet() -> Option<String> {
     })
 }
 
+/// Part of scenario 9: what TLS costs the live copy into a remote export.
+/// The same export as 8 (no added latency), once with TLS required
+/// (`creds`, client certificates verified) and once in clear, alternating:
+/// copyctl serve's time to Ready under the writer, and copyctl copy.
+pub fn tls_cost(ctx: &mut Ctx, creds: &Creds) -> Res<()> {
+    if let Some(why) = unmet() {
+        ctx.report
+            .note(format!("9: the live copy over TLS was skipped: {why}"));
+        return Ok(());
+    }
+    let ns = Netns::create()?;
+    // [clear, tls]
+    let mut live: [Series; 2] = Default::default();
+    let mut copies: [Vec<f64>; 2] = Default::default();
+    for rep in 0..ctx.reps {
+        for k in 0..2 {
+            let i = (rep + k) % 2;
+            let tls = (i == 1).then_some(creds);
+            let what = if tls.is_some() { "TLS" } else { "clear" };
+            let r = ours_live(ctx, &ns, None, tls, 900 + rep as u64)?;
+            eprintln!("   rep {rep}: live copy, {what}: {}", show(&r));
+            live[i].add(&r);
+            let t = plain_copy(ctx, &ns, None, tls, Tool::Ours, rep == 0)?;
+            eprintln!("   rep {rep}: copyctl copy, {what}: {t:.3} s");
+            copies[i].push(t);
+        }
+    }
+    drop(ns);
+    for p in [
+        "remote-dst.raw",
+        "remote-a.qmp",
+        "remote-live.nbd",
+        "remote-live.ctl",
+    ] {
+        remove(&ctx.path(p))?;
+    }
+    remove_journal(&ctx.path("remote-live.journal"))?;
+    remove_journal(&ctx.path("remote-copy.journal"))?;
+    let section = format!(
+        "9 live copy into a remote export over TLS, {}",
+        human(src_size(ctx)?)
+    );
+    let (clear, tls) = (&live[0], &live[1]);
+    let r = &mut ctx.report;
+    r.row(
+        "tls.live.ready",
+        &section,
+        "time to Ready, writer running",
+        "s",
+        Better::Lower,
+        ("copyctl serve, TLS", &tls.ready),
+        ("copyctl serve, clear", &clear.ready),
+    );
+    r.row(
+        "tls.live.tput",
+        &section,
+        "writer throughput during the copy",
+        "MiB/s",
+        Better::Higher,
+        ("copyctl serve, TLS", &tls.tput),
+        ("copyctl serve, clear", &clear.tput),
+    );
+    r.row(
+        "tls.copy",
+        &section,
+        "copyctl copy, wall time, flushed",
+        "s",
+        Better::Lower,
+        ("TLS", &copies[1]),
+        ("clear", &copies[0]),
+    );
+    r.note(format!(
+        "9: the live copy over TLS uses scenario 8's namespaces and export (no added latency); \
+         qemu-storage-daemon requires TLS with the same credentials (server certificate for \
+         {ADDR_A}, client certificates verified) and copyctl reaches it as nbds:// with --tls-creds"
+    ));
+    Ok(())
+}
+
 /// Key, metric, unit, better, copyctl's samples, QEMU's samples.
 type RowSpec<'a> = (
     &'a str,
@@ -520,7 +639,7 @@ pub fn run(ctx: &mut Ctx) -> Res<()> {
                     eprintln!("   rep {rep}, {name}: QEMU write-blocking: {}", show(&r));
                     qemu[v].add(&r);
                 } else {
-                    let r = ours_live(ctx, &ns, delay, seed)?;
+                    let r = ours_live(ctx, &ns, delay, None, seed)?;
                     eprintln!("   rep {rep}, {name}: copyctl serve:       {}", show(&r));
                     ours[v].add(&r);
                 }
@@ -528,7 +647,7 @@ pub fn run(ctx: &mut Ctx) -> Res<()> {
             for k in 0..tools.len() {
                 let i = (rep + k) % tools.len();
                 let check = rep == 0 && tools[i] == Tool::Ours;
-                let t = plain_copy(ctx, &ns, delay, tools[i], check)?;
+                let t = plain_copy(ctx, &ns, delay, None, tools[i], check)?;
                 eprintln!("   rep {rep}, {name}: {} {t:.3} s", tool_name(tools[i]));
                 copies[v][i].push(t);
             }

@@ -30,7 +30,7 @@ pub mod structured;
 pub mod tls;
 
 pub use server::{Server, ServerHandle, Stats, bind_tcp, bind_unix};
-pub use stream::Stream;
+pub use stream::{Stream, write_all_vectored};
 
 use crate::error::{Error, ErrorKind};
 

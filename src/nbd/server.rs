@@ -15,7 +15,7 @@
 //! [`ExportDevice::flush`]. That covers every write the client saw
 //! completed before it sent the FLUSH (and a few more).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::unix::fs::MetadataExt;
@@ -23,7 +23,6 @@ use std::os::unix::net::UnixListener;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -763,8 +762,7 @@ fn transmission(shared: &Shared, reader: &mut impl Read, writer: Stream) -> End 
             changed: Condvar::new(),
         },
     };
-    let (sender, receiver) = mpsc::channel::<Job>();
-    let receiver = Mutex::new(receiver);
+    let queue = Queue::default();
     let end = thread::scope(|scope| {
         let mut workers = 0usize;
         let mut seq = 0u64;
@@ -800,18 +798,18 @@ fn transmission(shared: &Shared, reader: &mut impl Read, writer: Stream) -> End 
             if in_flight > workers && workers < MAX_IN_FLIGHT {
                 let spawned = thread::Builder::new()
                     .name("nbd-worker".into())
-                    .spawn_scoped(scope, || worker(&conn, &receiver));
+                    .spawn_scoped(scope, || worker(&conn, &queue));
                 if spawned.is_ok() {
                     workers += 1;
                 }
             }
             if workers == 0 {
                 conn.run(job);
-            } else if let Err(mpsc::SendError(job)) = sender.send(job) {
-                conn.run(job);
+            } else {
+                queue.push(job);
             }
         };
-        drop(sender);
+        queue.close();
         end
     });
     if conn.broken.load(Ordering::SeqCst) {
@@ -821,13 +819,48 @@ fn transmission(shared: &Shared, reader: &mut impl Read, writer: Stream) -> End 
     }
 }
 
-fn worker(conn: &Conn<'_>, receiver: &Mutex<mpsc::Receiver<Job>>) {
-    loop {
-        let job = lock(receiver).recv();
-        match job {
-            Ok(job) => conn.run(job),
-            Err(_) => return,
+/// Requests read and not yet taken by a worker. One condition variable
+/// wakes exactly one idle worker per request; a channel behind a mutex
+/// woke two threads per request (the receiver, then the next one waiting
+/// for the mutex), which cost a fifth of the write throughput over TCP.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn push(&self, job: Job) {
+        lock(&self.state).0.push_back(job);
+        self.ready.notify_one();
+    }
+
+    /// No more jobs: idle workers return once the queue is empty.
+    fn close(&self) {
+        lock(&self.state).1 = true;
+        self.ready.notify_all();
+    }
+
+    fn pop(&self) -> Option<Job> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(job) = state.0.pop_front() {
+                return Some(job);
+            }
+            if state.1 {
+                return None;
+            }
+            state = self
+                .ready
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+}
+
+fn worker(conn: &Conn<'_>, queue: &Queue) {
+    while let Some(job) = queue.pop() {
+        conn.run(job);
     }
 }
 

@@ -822,8 +822,11 @@ fn copy_into_a_tls_export_and_recover_says_tls() {
         device.bytes(0, MIB) == data,
         "the export differs from the source"
     );
+    // The address names no credentials: without --tls-creds recover can
+    // only warn that it cannot check the export; with them it checks it.
+    // The verdict is the same either way.
     let out = copyctl_within(
-        &["recover", journal.to_str().unwrap()],
+        &["recover", "--no-repair", journal.to_str().unwrap()],
         Duration::from_secs(60),
     );
     assert_eq!(out.code, 0, "{}", out.text());
@@ -832,6 +835,28 @@ fn copy_into_a_tls_export_and_recover_says_tls() {
         "{}",
         out.text()
     );
+    assert!(
+        out.stderr.contains("cannot reach") && out.stderr.contains("TLS credentials"),
+        "{}",
+        out.text()
+    );
+    let out = copyctl_within(
+        &[
+            "recover",
+            "--tls-creds",
+            pki.client.to_str().unwrap(),
+            journal.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, 0, "{}", out.text());
+    assert!(
+        out.stdout.contains("authoritative: destination")
+            && out.stdout.contains("transport:     NBD over TLS (nbds)"),
+        "{}",
+        out.text()
+    );
+    assert!(out.stderr.is_empty(), "{}", out.text());
     // Without credentials the copy is refused before anything is written.
     let fresh = dir.path().join("fresh.journal");
     let (server2, device2, port2) = serve_tls(&pki.server, &[]);

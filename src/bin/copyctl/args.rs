@@ -176,6 +176,12 @@ pub struct RecoverArgs {
     /// Report what would be repaired, but write nothing.
     #[arg(long)]
     pub no_repair: bool,
+    /// TLS credentials (QEMU's layout, as for `copy`) to reach an
+    /// authoritative nbds:// image that names none in its address, so that
+    /// recover can check it still answers with the recorded size. The
+    /// verdict does not depend on it.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

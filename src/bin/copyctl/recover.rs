@@ -53,7 +53,11 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
     let mut warnings = recovered.warnings.clone();
     let record = &recovered.record;
     let image = record.image(record.authoritative);
-    warnings.extend(livecopy::restart::image_warning(image));
+    let nbd = storage::NbdOptions {
+        tls_creds: args.tls_creds.clone(),
+        ..Default::default()
+    };
+    warnings.extend(livecopy::restart::image_warning(image, &nbd));
     for warning in &warnings {
         warn(warning);
     }

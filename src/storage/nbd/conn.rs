@@ -343,9 +343,11 @@ impl Connection {
         });
         let sent = {
             let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            writer
-                .write_all(&header)
-                .and_then(|()| payload.map_or(Ok(()), |p| writer.write_all(p)))
+            let mut parts = [
+                std::io::IoSlice::new(&header),
+                std::io::IoSlice::new(payload.unwrap_or_default()),
+            ];
+            crate::nbd::write_all_vectored(&mut *writer, &mut parts)
         };
         if let Err(e) = sent {
             // Half a request may be on the wire: the stream is useless.
