@@ -82,6 +82,24 @@ impl Report {
         });
     }
 
+    /// The samples of one side (`"ours"` or `"peer"`) of a row.
+    pub fn samples(&self, key: &str, side: &str) -> Vec<f64> {
+        self.raw
+            .get(key)
+            .and_then(|v| v[side]["samples"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v.as_f64())
+            .collect()
+    }
+
+    /// Ours / peer, repetition by repetition (both sides ran in the same
+    /// repetition, who went first alternating).
+    pub fn pair_ratios(&self, key: &str) -> Vec<f64> {
+        let (ours, peer) = (self.samples(key, "ours"), self.samples(key, "peer"));
+        ours.iter().zip(&peer).map(|(a, b)| a / b).collect()
+    }
+
     pub fn fact(&self, key: &str) -> Option<f64> {
         self.facts.get(key).copied().filter(|v| v.is_finite())
     }

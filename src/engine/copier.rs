@@ -163,7 +163,9 @@ pub(super) fn step<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<Step
         shared.fail_destination(&e);
         return Err(e);
     }
-    shared.write_back.push(start..end);
+    shared
+        .write_back
+        .push(super::write_back::Which::Destination, start..end);
     for granule in granules {
         shared.dirty.clear(granule);
     }

@@ -230,6 +230,17 @@ impl<S: Storage, J: Storage> Guest<S, J> {
                 .then(|| apply_durably(&shared.destination, at, change, durability));
             (source, destination)
         };
+        if durability == Durability::Cached {
+            // Dirty pages the write-back thread keeps bounded (see
+            // `write_back`): the switch must not find them all at once.
+            use super::write_back::Which;
+            if source.is_ok() {
+                shared.write_back.push(Which::Source, range.clone());
+            }
+            if matches!(destination, Some(Ok(()))) {
+                shared.write_back.push(Which::Destination, range.clone());
+            }
+        }
         if let Some(Err(Failure::Write(e) | Failure::Sync(e))) = destination {
             shared.fail_destination(&e);
         }

@@ -453,14 +453,6 @@ impl<S: Storage, J: Storage> Shared<S, J> {
         last != 0 && now.saturating_sub(last) < self.config.busy_window.as_nanos() as u64
     }
 
-    /// Whether the guest has issued no request for `quiet` (counting from
-    /// the job's start when it has issued none yet).
-    pub fn guest_quiet_for(&self, quiet: Duration) -> bool {
-        let last = self.last_guest_request.load(Ordering::Acquire);
-        let now = self.started.elapsed().as_nanos() as u64;
-        now.saturating_sub(last) >= quiet.as_nanos() as u64
-    }
-
     /// The largest request the copy may issue now.
     pub fn chunk_size(&self) -> u64 {
         let g = self.config.granularity;
@@ -737,10 +729,8 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
                 shared.phase().name()
             )));
         }
-        if let Err(e) = write_back::drain(shared) {
-            shared.fail_destination(&e);
-            return Err(e);
-        }
+        // A failure fails the job as a failed sync of that image would.
+        write_back::drain(shared)?;
         for _ in 0..SETTLE_ROUNDS {
             let round = Instant::now();
             self.sync_both()?;

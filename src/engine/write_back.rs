@@ -1,21 +1,23 @@
-//! Paced write-back of the destination during the bulk pass.
+//! Paced write-back of both images while the job mirrors.
 //!
 //! The bulk pass copies into the page cache far faster than the disk takes
-//! it, so without help the whole destination is still dirty at Ready: the
-//! switch's first sync must write it all back in one go, and the device
-//! answers slowly for a while after (the Switched commit then takes twice
-//! its usual time). A separate thread starts write-back of each copied
-//! range as the pass goes (`sync_file_range`), and waits for the oldest
-//! once more than `WINDOW` bytes are in flight, so the disk works alongside
-//! the copy and never has more than the window queued.
+//! it, and the guest's mirrored writes leave dirty pages on both images. If
+//! nothing writes them back, the switch's first sync has to write all of it
+//! in one go, and every guest FUA write or flush meanwhile waits behind
+//! that device-wide flush (measured: the longest guest request across the
+//! switch command 200-290 ms, the command itself 0.6-1.8 s). So the dirty
+//! footprint is kept bounded all the time: every range the pass copied and
+//! every range a cached guest write changed is queued, and a separate
+//! thread starts its write-back (`sync_file_range`), waiting for the
+//! oldest once more than the window is in flight.
 //!
-//! It stands aside while the guest is busy: on ext4 a guest FUA write on
-//! the destination may have to wait for write-back in flight (measured:
-//! 20-90 ms stalls when the write-back ran unbounded), and the guest comes
-//! first. When the guest arrives, at most the window is still queued.
-//! Nothing here is a durability promise; the syncs still make the copy
-//! durable. Its own thread, because starting write-back blocks on the
-//! device queue, which must not slow the copy workers or hold range locks.
+//! The window is small while the guest is busy: on ext4 a guest FUA write
+//! waits for write-back in flight on the same file (20-90 ms stalls when
+//! the write-back ran unbounded), so while the guest is busy at most
+//! `BUSY_WINDOW` is queued ahead of it. Nothing here is a durability
+//! promise; the syncs still make the images durable. Its own thread,
+//! because starting write-back blocks on the device queue, which must not
+//! slow the copy workers, hold range locks or delay a guest request.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -23,32 +25,47 @@ use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use super::{JobPhase, Shared};
+use super::Shared;
 use crate::error::Result;
+use crate::image::Image;
 use crate::storage::Storage;
 
-/// Adjacent copied ranges are merged up to this size.
+/// Adjacent queued ranges are merged up to this size.
 const MERGE_UP_TO: u64 = 2 << 20;
-/// The guest must have been quiet this long (from the job's start, too: a
-/// guest that is about to connect is not idle) before write-back runs:
-/// write-back already queued when the guest comes back is what it waits
-/// behind.
-const QUIET: Duration = Duration::from_millis(100);
-/// Write-back in flight at most: about 10 ms of this disk's bandwidth.
+/// Write-back in flight at most while the guest is quiet: about 10 ms of
+/// this disk's bandwidth.
 const WINDOW: u64 = 8 << 20;
+/// Write-back in flight at most while the guest is busy: what a guest FUA
+/// write may find queued ahead of it.
+const BUSY_WINDOW: u64 = 256 << 10;
+/// Queued ranges at most (about 1.5 MiB of memory). Beyond it an image is
+/// marked for a sweep of the whole image at the switch.
+const MAX_QUEUED: usize = 1 << 16;
+/// The step of a whole-image sweep.
+const SWEEP_STEP: u64 = 8 << 20;
+
+/// Which image a queued range belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Which {
+    Destination = 0,
+    Source = 1,
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct WriteBack {
     queue: Mutex<Queue>,
     changed: Condvar,
-    /// The ranges in flight, shared by the thread and the switch's drain,
-    /// so that the drain also waits for what the thread started.
-    pacer: Mutex<Pacer>,
+    /// The ranges in flight, per image, shared by the thread and the
+    /// switch's drain, so that the drain also waits for what the thread
+    /// started.
+    pacers: Mutex<[Pacer; 2]>,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
-    ranges: VecDeque<Range<u64>>,
+    ranges: VecDeque<(Which, Range<u64>)>,
+    /// Images with ranges dropped because the queue was full.
+    overflowed: [bool; 2],
     /// Only a job with worker threads has a write-back thread; a job driven
     /// by `copy_step` alone queues nothing.
     enabled: bool,
@@ -63,24 +80,30 @@ impl WriteBack {
         self.lock().enabled = true;
     }
 
-    /// Queues a range the pass just wrote to the destination.
-    pub fn push(&self, range: Range<u64>) {
+    /// Queues a range just written, through the page cache, to `which`.
+    pub fn push(&self, which: Which, range: Range<u64>) {
         let mut queue = self.lock();
-        if !queue.enabled {
+        if !queue.enabled || range.is_empty() {
             return;
         }
+        let full = queue.ranges.len() >= MAX_QUEUED;
         match queue.ranges.back_mut() {
-            Some(last) if last.end == range.start && last.end - last.start < MERGE_UP_TO => {
+            Some((side, last))
+                if *side == which
+                    && last.end == range.start
+                    && last.end - last.start < MERGE_UP_TO =>
+            {
                 last.end = range.end;
             }
-            _ => queue.ranges.push_back(range),
+            _ if full => queue.overflowed[which as usize] = true,
+            _ => queue.ranges.push_back((which, range)),
         }
         drop(queue);
         self.changed.notify_one();
     }
 
     /// The next queued range, if any.
-    fn next(&self) -> Option<Range<u64>> {
+    fn next(&self) -> Option<(Which, Range<u64>)> {
         self.lock().ranges.pop_front()
     }
 
@@ -96,7 +119,7 @@ impl WriteBack {
     }
 }
 
-/// Write-back with at most `WINDOW` bytes in flight.
+/// Write-back of one image with a bounded amount in flight.
 #[derive(Debug, Default)]
 struct Pacer {
     in_flight: VecDeque<Range<u64>>,
@@ -104,84 +127,138 @@ struct Pacer {
 }
 
 impl Pacer {
-    fn submit<S: Storage, J: Storage>(
+    fn submit<S: Storage>(
         &mut self,
-        shared: &Shared<S, J>,
+        image: &Image<S>,
         range: Range<u64>,
+        window: u64,
     ) -> Result<()> {
-        shared.destination.write_back(range.clone(), false)?;
+        image.write_back(range.clone(), false)?;
         self.bytes += range.end - range.start;
         self.in_flight.push_back(range);
-        while self.bytes > WINDOW {
-            self.wait_oldest(shared)?;
+        while self.bytes > window {
+            self.wait_oldest(image)?;
         }
         Ok(())
     }
 
-    fn finish<S: Storage, J: Storage>(&mut self, shared: &Shared<S, J>) -> Result<()> {
+    fn finish<S: Storage>(&mut self, image: &Image<S>) -> Result<()> {
         while !self.in_flight.is_empty() {
-            self.wait_oldest(shared)?;
+            self.wait_oldest(image)?;
         }
         Ok(())
     }
 
-    fn wait_oldest<S: Storage, J: Storage>(&mut self, shared: &Shared<S, J>) -> Result<()> {
+    fn wait_oldest<S: Storage>(&mut self, image: &Image<S>) -> Result<()> {
         let Some(oldest) = self.in_flight.pop_front() else {
             return Ok(());
         };
         self.bytes -= oldest.end - oldest.start;
-        shared.destination.write_back(oldest, true)
+        image.write_back(oldest, true)
+    }
+}
+
+fn image<S: Storage, J: Storage>(shared: &Shared<S, J>, which: Which) -> &Image<S> {
+    match which {
+        Which::Destination => &shared.destination,
+        Which::Source => &shared.source,
+    }
+}
+
+/// A write-back error is a failed sync of that image (E5): on the
+/// destination it aborts the job, on the source it stops the engine.
+fn fail<S: Storage, J: Storage>(shared: &Shared<S, J>, which: Which, e: &crate::error::Error) {
+    match which {
+        Which::Destination => shared.fail_destination(e),
+        Which::Source => shared.fail_engine(format!("source: {}", e.describe())),
     }
 }
 
 /// The write-back thread: starts write-back of every queued range, keeping
-/// at most `WINDOW` bytes in flight, until the pass is over and the queue
-/// is empty, or the job stops. A write-back error aborts the job like a
-/// failed destination sync.
+/// at most the window in flight per image, while the job mirrors.
 pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>) {
     super::copier::lower_priority(shared);
     while !shared.stop.load(Ordering::Acquire) && shared.phase().mirroring() {
-        if !shared.guest_quiet_for(QUIET) {
-            std::thread::sleep(Duration::from_millis(5));
-            continue;
-        }
-        // The range is taken under the pacer's lock, so that a drain never
+        let window = if shared.guest_busy() {
+            BUSY_WINDOW
+        } else {
+            WINDOW
+        };
+        // The range is taken under the pacers' lock, so that a drain never
         // misses one that is between the queue and the window.
-        let mut pacer = lock(&shared.write_back.pacer);
-        let next = shared.write_back.next();
-        let pass_over = next.is_none() && shared.phase() != JobPhase::Copying;
-        let done = match next {
-            Some(range) => pacer.submit(shared, range),
-            // The pass is over: see the last ranges through, so that a
-            // write-back error aborts the job now rather than at the switch.
-            None if pass_over => pacer.finish(shared),
+        let mut pacers = lock(&shared.write_back.pacers);
+        let (which, done) = match shared.write_back.next() {
+            Some((which, range)) => (
+                which,
+                pacers[which as usize].submit(image(shared, which), range, window),
+            ),
             None => {
-                drop(pacer);
-                shared.write_back.wait_for_work(Duration::from_millis(50));
-                continue;
+                // Nothing queued: see what is in flight through, so that a
+                // write-back error is noticed now rather than at the switch.
+                let mut outcome = (Which::Destination, Ok(()));
+                for which in [Which::Destination, Which::Source] {
+                    if let Err(e) = pacers[which as usize].finish(image(shared, which)) {
+                        outcome = (which, Err(e));
+                        break;
+                    }
+                }
+                if outcome.1.is_ok() {
+                    drop(pacers);
+                    shared.write_back.wait_for_work(Duration::from_millis(50));
+                    continue;
+                }
+                outcome
             }
         };
         if let Err(e) = done {
-            drop(pacer);
-            shared.fail_destination(&e);
-            return;
-        }
-        if pass_over {
+            drop(pacers);
+            fail(shared, which, &e);
             return;
         }
     }
 }
 
-/// Writes back everything still queued or in flight, paced, whether or not
-/// the guest is busy: the switch calls it before its first sync, so that
-/// the guest's writes meanwhile queue behind at most the window, not behind
-/// the whole destination in one fdatasync.
+/// Writes back everything still queued or in flight on both images, and
+/// sweeps an image whose ranges overflowed the queue, paced, whether or
+/// not the guest is busy: the switch calls it before its first sync, so
+/// that the guest's writes meanwhile queue behind at most the window, not
+/// behind a whole image in one fdatasync.
 pub(super) fn drain<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<()> {
-    let mut pacer = lock(&shared.write_back.pacer);
-    while let Some(range) = shared.write_back.next() {
-        pacer.submit(shared, range)?;
+    let mut pacers = lock(&shared.write_back.pacers);
+    let run = |pacers: &mut [Pacer; 2]| -> std::result::Result<(), (Which, crate::error::Error)> {
+        while let Some((which, range)) = shared.write_back.next() {
+            pacers[which as usize]
+                .submit(image(shared, which), range, WINDOW)
+                .map_err(|e| (which, e))?;
+        }
+        let overflowed = std::mem::take(&mut shared.write_back.lock().overflowed);
+        for which in [Which::Destination, Which::Source] {
+            let image = image(shared, which);
+            if overflowed[which as usize] {
+                let size = shared.size;
+                let mut at = 0;
+                while at < size {
+                    let end = size.min(at + SWEEP_STEP);
+                    pacers[which as usize]
+                        .submit(image, at..end, WINDOW)
+                        .map_err(|e| (which, e))?;
+                    at = end;
+                }
+            }
+            pacers[which as usize]
+                .finish(image)
+                .map_err(|e| (which, e))?;
+        }
+        Ok(())
+    };
+    match run(&mut pacers) {
+        Ok(()) => Ok(()),
+        Err((which, e)) => {
+            drop(pacers);
+            fail(shared, which, &e);
+            Err(e)
+        }
     }
-    pacer.finish(shared)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
