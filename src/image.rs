@@ -136,6 +136,22 @@ impl<S: Storage> Image<S> {
         self.change(Op::Write, |s| s.write_at(offset, data))
     }
 
+    /// The bulk pass's write: around the page cache when the storage can
+    /// and the write is aligned (see [`Storage::write_direct_at`]), through
+    /// it otherwise. Returns whether it went around the cache (nothing to
+    /// write back). Counted like any write: it still needs a sync.
+    pub fn write_bulk(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        let mut direct = false;
+        self.change(Op::Write, |s| {
+            direct = s.write_direct_at(offset, data)?;
+            if !direct {
+                s.write_at(offset, data)?;
+            }
+            Ok(())
+        })?;
+        Ok(direct)
+    }
+
     /// A force-unit-access write: durable when it returns, without a sync
     /// of the whole image. Its error may be a failed sync, so any error is
     /// treated as one (E5): the image takes no further sync.

@@ -93,6 +93,9 @@ impl Storage for AnyImage {
     fn write_durable_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         each!(self, s => s.write_durable_at(offset, data))
     }
+    fn write_direct_at(&self, offset: u64, data: &[u8]) -> io::Result<bool> {
+        each!(self, s => s.write_direct_at(offset, data))
+    }
     fn start_write_back(&self, offset: u64, len: u64) -> io::Result<()> {
         each!(self, s => s.start_write_back(offset, len))
     }

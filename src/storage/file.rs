@@ -33,6 +33,10 @@ pub struct FileStorage {
     /// block size (fallocate refuses anything else with EINVAL), 1 for a
     /// file, where the file system zeroes partial blocks itself.
     discard_unit: u64,
+    /// A second descriptor on the same file with `O_DIRECT`, opened on
+    /// first use; `None` when the file system refuses it (tmpfs) or the
+    /// device's blocks are larger than [`super::DIRECT_ALIGN`].
+    direct: std::sync::OnceLock<Option<File>>,
 }
 
 /// What `stat` said about an image when a job started. Recorded in the journal
@@ -151,6 +155,7 @@ impl FileStorage {
             path: path.to_path_buf(),
             is_block_device,
             discard_unit,
+            direct: std::sync::OnceLock::new(),
         })
     }
 
@@ -174,6 +179,7 @@ impl FileStorage {
             path: path.to_path_buf(),
             is_block_device: false,
             discard_unit: 1,
+            direct: std::sync::OnceLock::new(),
         })
     }
 
@@ -232,6 +238,7 @@ impl FileStorage {
                 path: path.to_path_buf(),
                 is_block_device: false,
                 discard_unit: 1,
+                direct: std::sync::OnceLock::new(),
             },
             lock,
         ))
@@ -373,6 +380,63 @@ impl Storage for FileStorage {
         Ok(())
     }
 
+    // The same open file reached again through /proc, so that it is the
+    // same inode whatever happened to the path since. Linux keeps the page
+    // cache coherent: an O_DIRECT write first writes back and waits for
+    // cached pages of its range, and drops them after. Its errors are the
+    // write's own; a write-back error it meets stays reported to the next
+    // fdatasync of every descriptor (errseq), so it needs no latch.
+    fn write_direct_at(&self, offset: u64, data: &[u8]) -> io::Result<bool> {
+        let align = super::DIRECT_ALIGN;
+        if data.is_empty()
+            || !offset.is_multiple_of(align as u64)
+            || !data.len().is_multiple_of(align)
+            || data.as_ptr().align_offset(align) != 0
+        {
+            return Ok(false);
+        }
+        let direct = self.direct.get_or_init(|| {
+            if self.discard_unit > align as u64 {
+                return None;
+            }
+            let proc_path = format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&self.file)
+            );
+            rfs::open(
+                proc_path.as_str(),
+                OFlags::WRONLY | OFlags::DIRECT | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .ok()
+            .map(File::from)
+        });
+        let Some(direct) = direct else {
+            return Ok(false);
+        };
+        let mut done = 0;
+        while done < data.len() {
+            match direct.write_at(&data[done..], offset + done as u64) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) if done + n < data.len() && !n.is_multiple_of(align) => {
+                    // A short direct write that left the rest unaligned:
+                    // finish through the page cache.
+                    self.write_at(offset + (done + n) as u64, &data[done + n..])?;
+                    return Ok(true);
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Accepted at open, refused at write (some file systems):
+                // nothing was written; the caller goes through the cache.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && done == 0 => {
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
     fn start_write_back(&self, offset: u64, len: u64) -> io::Result<()> {
         sync_file_range(&self.file, offset, len, libc::SYNC_FILE_RANGE_WRITE)
     }
@@ -499,6 +563,7 @@ pub fn create_new_file_atomically(
         path: temp_path.clone(),
         is_block_device: false,
         discard_unit: 1,
+        direct: std::sync::OnceLock::new(),
     };
     let result = (|| {
         rfs::flock(&storage.file, FlockOperation::NonBlockingLockExclusive)
@@ -576,6 +641,45 @@ pub fn write_backup_copy(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bulk pass writes around the page cache: what it wrote must be
+    /// what reads see, even over dirty cached pages of the same range, and
+    /// anything unaligned is left to the cached path untouched.
+    #[test]
+    fn a_direct_write_is_coherent_with_the_cache_and_refuses_unaligned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("image");
+        let storage = FileStorage::create_image(&path, 1 << 20).expect("create");
+        let align = super::super::DIRECT_ALIGN;
+        storage.write_at(8192, &[1u8; 4096]).expect("cached write");
+        let mut raw = vec![2u8; 4 * align];
+        let skip = raw.as_ptr().align_offset(align);
+        let data = &raw[skip..skip + 2 * align];
+        assert!(
+            storage.write_direct_at(4096, data).expect("direct write"),
+            "O_DIRECT refused on the test's file system"
+        );
+        let mut back = vec![0u8; 3 * 4096];
+        storage.read_at(4096, &mut back).expect("read");
+        assert!(
+            back[..8192].iter().all(|&b| b == 2),
+            "direct data read back"
+        );
+        assert!(back[8192..].iter().all(|&b| b == 0), "beyond it, untouched");
+        for (offset, slice) in [
+            (100, data),
+            (4096, &raw[skip..skip + 100]),
+            (4096, &raw[skip + 1..skip + 1 + align]),
+        ] {
+            assert!(
+                !storage.write_direct_at(offset, slice).expect("no error"),
+                "unaligned {offset} {} must not be written directly",
+                slice.len()
+            );
+        }
+        storage.read_at(4096, &mut back).expect("read");
+        assert!(back[..8192].iter().all(|&b| b == 2), "nothing written");
+    }
 
     #[test]
     fn the_link_fallback_creates_once_and_never_replaces() {

@@ -27,6 +27,11 @@ pub use location::{Endpoint, Location, NbdAddress};
 pub use nbd::{ExportInfo, NbdOptions, NbdStorage};
 pub use sim::{CrashClock, PendingWrite, SECTOR_SIZE, SectorFate, SimDisk, WriteFate};
 
+/// The alignment of address, offset and length that
+/// [`Storage::write_direct_at`] needs: a page, which covers every logical
+/// block size up to 4 KiB (a device with larger blocks falls back).
+pub const DIRECT_ALIGN: usize = 4096;
+
 /// A block of bytes addressed by offset.
 ///
 /// Contracts, each of which the simulated disk enforces:
@@ -72,6 +77,17 @@ pub trait Storage: Send + Sync {
     fn write_durable_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.write_at(offset, data)?;
         self.sync_data()
+    }
+    /// Writes all of `data` at `offset` around the page cache (`O_DIRECT`
+    /// on a file or block device), when `data`'s address, `offset` and the
+    /// length are multiples of [`DIRECT_ALIGN`] and the storage can;
+    /// returns `false`, having written nothing, when it cannot. The data
+    /// then needs a sync like any write (the device may cache it, and a
+    /// file's new blocks are metadata), but leaves nothing in the page
+    /// cache to write back. The default cannot.
+    fn write_direct_at(&self, offset: u64, data: &[u8]) -> io::Result<bool> {
+        let _ = (offset, data);
+        Ok(false)
     }
     /// Starts write-back of `len` bytes at `offset` without waiting
     /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on a file). No durability
@@ -139,6 +155,9 @@ impl<S: Storage + ?Sized> Storage for &S {
     }
     fn write_durable_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         (**self).write_durable_at(offset, data)
+    }
+    fn write_direct_at(&self, offset: u64, data: &[u8]) -> io::Result<bool> {
+        (**self).write_direct_at(offset, data)
     }
     fn start_write_back(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).start_write_back(offset, len)
