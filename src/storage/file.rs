@@ -652,7 +652,7 @@ mod tests {
         let storage = FileStorage::create_image(&path, 1 << 20).expect("create");
         let align = super::super::DIRECT_ALIGN;
         storage.write_at(8192, &[1u8; 4096]).expect("cached write");
-        let mut raw = vec![2u8; 4 * align];
+        let raw = vec![2u8; 4 * align];
         let skip = raw.as_ptr().align_offset(align);
         let data = &raw[skip..skip + 2 * align];
         assert!(
