@@ -1725,7 +1725,7 @@ impl Storage for RecordingWriteBack {
         self.disk.punch_hole(offset, len)
     }
     fn write_direct_at(&self, offset: u64, data: &[u8]) -> std::io::Result<bool> {
-        if !self.direct || offset % 4096 != 0 || data.len() % 4096 != 0 {
+        if !self.direct || !offset.is_multiple_of(4096) || !data.len().is_multiple_of(4096) {
             return Ok(false);
         }
         self.direct_writes.fetch_add(1, Ordering::AcqRel);
