@@ -50,6 +50,13 @@ const WRITE_DISCARD_LIMIT: u32 = 128 << 20;
 const MAX_OPTIONS: usize = 1024;
 /// How long a client may take over each read during the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The whole negotiation, TLS handshake included, must end within this:
+/// the per-read timeout alone lets a peer that sends a byte a minute hold
+/// a connection for ever.
+const NEGOTIATION_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections still negotiating at most (unauthenticated peers, when TLS
+/// is required); more are closed at once. Each costs a thread.
+const MAX_NEGOTIATING: usize = 32;
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 
@@ -93,6 +100,10 @@ struct Shared {
 struct Connection {
     stream: Stream,
     thread: JoinHandle<()>,
+    /// Set once the connection reached transmission (after TLS, when TLS
+    /// is on): until then the peer is not authenticated.
+    negotiated: Arc<AtomicBool>,
+    accepted: std::time::Instant,
 }
 
 enum Listener {
@@ -378,6 +389,15 @@ impl Shared {
 
     fn start_connection(self: &Arc<Self>, stream: Stream) {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        let negotiating = lock(&self.connections)
+            .iter()
+            .filter(|c| !c.negotiated.load(Ordering::Acquire) && !c.thread.is_finished())
+            .count();
+        if negotiating >= MAX_NEGOTIATING {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            let _ = stream.shutdown();
+            return;
+        }
         // Accepted sockets do not inherit O_NONBLOCK on Linux; make sure.
         if stream.set_nonblocking(false).is_err() {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
@@ -389,10 +409,12 @@ impl Shared {
         };
         self.counters.active.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::clone(self);
+        let negotiated = Arc::new(AtomicBool::new(false));
+        let done = Arc::clone(&negotiated);
         let spawned = thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || {
-                let end = serve_connection(&shared, stream);
+                let end = serve_connection(&shared, stream, &done);
                 if end == End::Dropped {
                     shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -402,6 +424,8 @@ impl Shared {
             Ok(thread) => lock(&self.connections).push(Connection {
                 stream: registered,
                 thread,
+                negotiated,
+                accepted: std::time::Instant::now(),
             }),
             Err(_) => {
                 self.counters.active.fetch_sub(1, Ordering::Relaxed);
@@ -411,10 +435,18 @@ impl Shared {
         }
     }
 
-    /// Joins the threads of connections that ended.
+    /// Joins the threads of connections that ended, and cuts those still
+    /// negotiating past the deadline (their thread then ends).
     fn reap(&self) {
         let finished: Vec<Connection> = {
             let mut all = lock(&self.connections);
+            for c in all.iter() {
+                if !c.negotiated.load(Ordering::Acquire)
+                    && c.accepted.elapsed() > NEGOTIATION_DEADLINE
+                {
+                    let _ = c.stream.shutdown();
+                }
+            }
             let (done, open) = std::mem::take(&mut *all)
                 .into_iter()
                 .partition(|c| c.thread.is_finished());
@@ -499,7 +531,7 @@ fn read_header<const N: usize>(reader: &mut impl Read) -> io::Result<Option<[u8;
 
 const READ_BUFFER: usize = 128 << 10;
 
-fn serve_connection(shared: &Arc<Shared>, stream: Stream) -> End {
+fn serve_connection(shared: &Arc<Shared>, stream: Stream, negotiated: &AtomicBool) -> End {
     let mut current = None;
     let end = (|| {
         let mut reader = BufReader::with_capacity(READ_BUFFER, stream.try_clone()?);
@@ -540,6 +572,7 @@ fn serve_connection(shared: &Arc<Shared>, stream: Stream) -> End {
             }
         }
         stream.set_read_timeout(None)?;
+        negotiated.store(true, Ordering::Release);
         Ok::<End, End>(transmission(shared, &mut reader, writer))
     })()
     .unwrap_or_else(|end| end);

@@ -490,12 +490,6 @@ impl TlsStream {
         conn.send_close_notify();
         let _ = out.send(conn);
     }
-
-    /// Sends whatever rustls queued (alerts, key updates) while reading.
-    fn flush_queued(&self) -> io::Result<()> {
-        let mut out = lock(&self.session.output);
-        out.send(lock(&self.session.conn))
-    }
 }
 
 impl Read for TlsStream {
@@ -523,9 +517,25 @@ impl Read for TlsStream {
                 let processed = conn.process_new_packets();
                 let queued = conn.wants_write();
                 drop(conn);
-                if queued {
-                    // An alert on failure; a key update or ticket otherwise.
-                    let _ = self.flush_queued();
+                if processed.is_err() {
+                    // Send the alert only if no writer holds the socket: a
+                    // writer blocked on a peer that does not read would
+                    // hold this read (and the error) for ever. Otherwise
+                    // cut the connection, which also frees that writer.
+                    match self.session.output.try_lock() {
+                        Ok(mut out) => {
+                            let _ = out.send(lock(&self.session.conn));
+                        }
+                        Err(_) => {
+                            let _ = self.session.raw.shutdown();
+                        }
+                    }
+                } else if queued {
+                    // A key update or a ticket. A writer holding the socket
+                    // sends it with its next records instead.
+                    if let Ok(mut out) = self.session.output.try_lock() {
+                        let _ = out.send(lock(&self.session.conn));
+                    }
                 }
                 processed.map_err(tls_failed)?;
                 if input.eof && fed == 0 && input.start == input.end {

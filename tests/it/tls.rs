@@ -944,3 +944,111 @@ fn a_dangling_ca_certificate_link_is_refused() {
         refused.describe()
     );
 }
+
+// ---------------------------------------------------------------------------
+// Unauthenticated peers and a blocked writer.
+
+/// Peers that connect and never finish negotiating (nobody is
+/// authenticated before TLS) hold at most a bounded number of connection
+/// threads, and each for at most the negotiation deadline: 200 idle
+/// half-negotiated connections leave the thread count bounded, and the
+/// server still serves a real client afterwards.
+#[test]
+fn unauthenticated_peers_cannot_hold_unbounded_connections() {
+    use livecopy::nbd::proto;
+    use std::net::TcpStream;
+    let pki = pki();
+    let (server, _device, port) = serve_tls(&pki.server, &[]);
+    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let before = threads();
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            continue;
+        };
+        // Half an option header, then silence.
+        let _ = s.write_all(&proto::encode_client_flags(proto::FLAG_C_FIXED_NEWSTYLE));
+        let _ = s.write_all(b"IHAVEOPT");
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = threads();
+    println!("threads: {before} before, {during} with 200 idle unauthenticated peers");
+    assert!(
+        during <= before + 40,
+        "{during} threads with 200 idle peers (from {before})"
+    );
+    // The deadline cuts the ones that were let in.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.stats().active > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.stats().active, 0, "{:?}", server.stats());
+    drop(held);
+    // A real client is served.
+    let out = qemu_io_tls(
+        port,
+        &pki.client,
+        &["write -P 0x3c 0 64k", "read -P 0x3c 0 64k"],
+    );
+    assert_ok(&out);
+    server.shutdown().unwrap();
+}
+
+/// A corrupt record reaches a reader while another thread's write waits
+/// for a peer that does not read: the reader reports the TLS error at once
+/// (it must not wait for the writer to send its alert).
+#[test]
+fn a_tls_error_is_reported_while_a_writer_is_blocked() {
+    use livecopy::nbd::Stream;
+    use livecopy::nbd::tls::TlsStream;
+    use std::net::{TcpListener, TcpStream};
+    let pki = pki();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server_config = tls::server_config(&pki.server, &[]).unwrap();
+    let accept = std::thread::spawn(move || {
+        let (socket, _) = listener.accept().unwrap();
+        let raw = socket.try_clone().unwrap();
+        (
+            TlsStream::accept(Stream::Tcp(socket), &server_config).unwrap(),
+            raw,
+        )
+    });
+    let socket = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let client = TlsStream::connect(
+        Stream::Tcp(socket),
+        &tls::client_config(&pki.client).unwrap(),
+        tls::server_name("127.0.0.1").unwrap(),
+    )
+    .unwrap();
+    let (mut server_side, mut raw_server) = accept.join().unwrap();
+    server_side.write_all(b"hello").unwrap();
+    let mut five = [0u8; 5];
+    client.clone().read_exact(&mut five).unwrap();
+    // A writer that blocks: the server side never reads.
+    let mut writer = client.clone();
+    std::thread::spawn(move || {
+        let _ = writer.write_all(&vec![7u8; 64 << 20]);
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // A corrupt application-data record, as a flipped bit would make.
+    let mut bogus = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+    bogus.extend_from_slice(&[0x5a; 0x40]);
+    raw_server.write_all(&bogus).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut reader = client.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16];
+        let _ = tx.send(reader.read(&mut buf).map_err(|e| e.to_string()));
+    });
+    let outcome = rx.recv_timeout(Duration::from_secs(5));
+    // Unblock whatever is left before judging.
+    let _ = raw_server.shutdown(std::net::Shutdown::Both);
+    drop(server_side);
+    match outcome {
+        Ok(Err(e)) => assert!(e.contains("TLS"), "{e}"),
+        Ok(Ok(n)) => panic!("a corrupt record read as {n} bytes"),
+        Err(_) => panic!("the reader waited behind the blocked writer"),
+    }
+}
