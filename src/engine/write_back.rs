@@ -226,7 +226,12 @@ pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>) {
 pub(super) fn drain<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<()> {
     let mut pacers = lock(&shared.write_back.pacers);
     let run = |pacers: &mut [Pacer; 2]| -> std::result::Result<(), (Which, crate::error::Error)> {
-        while let Some((which, range)) = shared.write_back.next() {
+        // Only what is queued now: the guest keeps queueing while the drain
+        // runs, and a drain that waited for an empty queue would never end
+        // under a writer faster than the disk. Later ranges are the
+        // thread's; the settle rounds and write-through cover them.
+        let snapshot = std::mem::take(&mut shared.write_back.lock().ranges);
+        for (which, range) in snapshot {
             pacers[which as usize]
                 .submit(image(shared, which), range, WINDOW)
                 .map_err(|e| (which, e))?;
