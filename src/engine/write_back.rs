@@ -87,12 +87,16 @@ impl WriteBack {
             return;
         }
         let full = queue.ranges.len() >= MAX_QUEUED;
-        match queue.ranges.back_mut() {
-            Some((side, last))
-                if *side == which
-                    && last.end == range.start
-                    && last.end - last.start < MERGE_UP_TO =>
-            {
+        // A mirrored write queues the source's range, then the
+        // destination's: the image's own tail is one of the last two.
+        let tail = queue
+            .ranges
+            .iter_mut()
+            .rev()
+            .take(2)
+            .find(|(side, _)| *side == which);
+        match tail {
+            Some((_, last)) if last.end == range.start && last.end - last.start < MERGE_UP_TO => {
                 last.end = range.end;
             }
             _ if full => queue.overflowed[which as usize] = true,

@@ -1564,42 +1564,6 @@ fn bad_configs_are_refused_before_anything_is_written() {
     }
 }
 
-/// A simulated disk whose write-back reports EIO when waited for, as
-/// `sync_file_range` does after a failed write-back.
-#[derive(Clone)]
-struct FailingWriteBack {
-    disk: SimDisk,
-    started: Arc<AtomicU64>,
-}
-
-impl Storage for FailingWriteBack {
-    fn len(&self) -> std::io::Result<u64> {
-        self.disk.len()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.disk.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.disk.write_at(offset, data)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.disk.sync_data()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.disk.set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.disk.punch_hole(offset, len)
-    }
-    fn start_write_back(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
-        self.started.fetch_add(1, Ordering::AcqRel);
-        Ok(())
-    }
-    fn wait_write_back(&self, _offset: u64, _len: u64) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(5))
-    }
-}
-
 /// The copy's paced write-back fails: that is a failed destination sync
 /// (its error may never reach a later fdatasync), so the switch refuses,
 /// the job is Aborted on the journal, and the guest carries on with the
@@ -1607,14 +1571,9 @@ impl Storage for FailingWriteBack {
 #[test]
 fn a_failed_write_back_of_the_destination_aborts_the_job_before_the_switch() {
     let initial = pattern(5, SIZE as usize);
-    let source = FailingWriteBack {
-        disk: SimDisk::from_bytes(initial.clone()),
-        started: Arc::default(),
-    };
-    let destination = FailingWriteBack {
-        disk: SimDisk::new(SIZE),
-        started: Arc::default(),
-    };
+    let source = RecordingWriteBack::new(SimDisk::from_bytes(initial.clone()));
+    let destination = RecordingWriteBack::new(SimDisk::new(SIZE));
+    destination.fail_wait.store(true, Ordering::Release);
     let journal_disk = SimDisk::new(JOURNAL_LEN);
     let journal = Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
     let mut job =
@@ -1635,12 +1594,11 @@ fn a_failed_write_back_of_the_destination_aborts_the_job_before_the_switch() {
         "{error:?}"
     );
     assert!(
-        destination.started.load(Ordering::Acquire) > 0,
+        !destination.started.lock().unwrap().is_empty(),
         "write-back was started"
     );
-    assert_eq!(
-        source.started.load(Ordering::Acquire),
-        0,
+    assert!(
+        source.started.lock().unwrap().is_empty(),
         "never on the source"
     );
     assert_eq!(job.status().phase, JobPhase::Aborted);
