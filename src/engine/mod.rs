@@ -288,21 +288,26 @@ struct Hold<'a, S: Storage, J: Storage> {
 impl<S: Storage, J: Storage> Hold<'_, S, J> {
     /// The new phase is set before the held requests are let go, so that
     /// none of them runs under the old one.
-    fn release(mut self, phase: Option<JobPhase>) {
+    fn release(mut self, phase: Option<(JobPhase, Event)>) {
         self.let_go(phase);
     }
 
-    fn let_go(&mut self, phase: Option<JobPhase>) {
+    fn let_go(&mut self, phase: Option<(JobPhase, Event)>) {
         if std::mem::replace(&mut self.released, true) {
             return;
         }
         let mut state = self.shared.state();
         state.hold = false;
-        if let Some(p) = phase {
-            state.phase = p;
+        match phase {
+            Some((p, event)) => {
+                state.phase = p;
+                self.shared.publish(state, event);
+            }
+            None => {
+                drop(state);
+                self.shared.changed.notify_all();
+            }
         }
-        drop(state);
-        self.shared.changed.notify_all();
     }
 }
 
@@ -419,6 +424,16 @@ impl<S: Storage, J: Storage> Shared<S, J> {
         lock(&self.subscribers).retain(|s| s.send(event.clone()).is_ok());
     }
 
+    /// Sends a phase's event before the state lock that made the phase
+    /// visible is let go: whoever sees the new phase (a waiter, `status`,
+    /// a refused command) finds its event already queued, and no event
+    /// arrives ahead of its phase. Lock order: state, then subscribers.
+    fn publish(&self, state: MutexGuard<'_, State>, event: Event) {
+        self.emit(event);
+        drop(state);
+        self.changed.notify_all();
+    }
+
     /// Waits at the door while a switch holds guest I/O, then counts the
     /// request in. Returns the phase the request runs under, and a guard
     /// that counts it out however the request ends, a panic included: a
@@ -498,14 +513,12 @@ impl<S: Storage, J: Storage> Shared<S, J> {
         }
         match journal.commit(Phase::Aborted, self.copied.load(Ordering::Acquire)) {
             Ok(_) => {
+                // The source is the guest's only copy from here on.
+                self.source.storage.only_copy();
                 let mut state = self.state();
                 state.phase = JobPhase::Aborted;
                 state.reason = Some(reason.clone());
-                drop(state);
-                // The source is the guest's only copy from here on.
-                self.source.storage.only_copy();
-                self.changed.notify_all();
-                self.emit(Event::Aborted { reason });
+                self.publish(state, Event::Aborted { reason });
             }
             Err(e) => {
                 drop(journal);
@@ -526,9 +539,7 @@ impl<S: Storage, J: Storage> Shared<S, J> {
         state.phase = JobPhase::Failed;
         state.reason = Some(reason.clone());
         state.hold = false;
-        drop(state);
-        self.changed.notify_all();
-        self.emit(Event::Failed { reason });
+        self.publish(state, Event::Failed { reason });
     }
 
     /// fdatasyncs both images at once: the switch waits for the slower of
@@ -552,9 +563,9 @@ impl<S: Storage, J: Storage> Shared<S, J> {
             self.fail_engine(format!("journal: {}", e.describe()));
             return Err(e);
         }
-        self.state().phase = JobPhase::Ready;
-        self.changed.notify_all();
-        self.emit(Event::Ready);
+        let mut state = self.state();
+        state.phase = JobPhase::Ready;
+        self.publish(state, Event::Ready);
         Ok(())
     }
 }
@@ -828,9 +839,8 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             let mut state = shared.state();
             state.switch_pause = Some(pause);
         }
-        hold.release(Some(JobPhase::Switched));
+        hold.release(Some((JobPhase::Switched, Event::Switched { pause })));
         drop(journal);
-        shared.emit(Event::Switched { pause });
         Ok(SwitchReport { pause, seq })
     }
 
@@ -866,10 +876,10 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
         }
         match journal.commit(Phase::Completed, shared.copied.load(Ordering::Acquire)) {
             Ok(seq) => {
-                shared.state().phase = JobPhase::Completed;
-                shared.changed.notify_all();
+                let mut state = shared.state();
+                state.phase = JobPhase::Completed;
+                shared.publish(state, Event::Completed);
                 drop(journal);
-                shared.emit(Event::Completed);
                 Ok(seq)
             }
             Err(e) => {
@@ -893,17 +903,18 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
         }
         match journal.commit(Phase::Aborted, shared.copied.load(Ordering::Acquire)) {
             Ok(seq) => {
+                // The source is the guest's only copy from here on.
+                shared.source.storage.only_copy();
                 let mut state = shared.state();
                 state.phase = JobPhase::Aborted;
                 state.reason = Some("aborted on request".into());
-                drop(state);
-                // The source is the guest's only copy from here on.
-                shared.source.storage.only_copy();
-                shared.changed.notify_all();
+                shared.publish(
+                    state,
+                    Event::Aborted {
+                        reason: "aborted on request".into(),
+                    },
+                );
                 drop(journal);
-                shared.emit(Event::Aborted {
-                    reason: "aborted on request".into(),
-                });
                 Ok(seq)
             }
             Err(e) => {
