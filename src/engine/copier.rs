@@ -24,35 +24,44 @@ pub enum StepOutcome {
     Done,
 }
 
-/// Marks the granules where the source may hold data dirty and makes the
-/// destination read zeros where the source is a hole, so holes stay holes.
-pub(super) fn plan<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<()> {
+/// Marks the granules of `ranges` (sorted, disjoint) where the source may
+/// hold data dirty, and makes the destination read zeros where the source
+/// is a hole, so holes stay holes. A new job plans the whole image; a
+/// resumed one what its progress says may differ.
+pub(super) fn plan<S: Storage, J: Storage>(
+    shared: &Shared<S, J>,
+    ranges: &[Range<u64>],
+) -> Result<()> {
     let g = shared.config.granularity;
-    let mut offset = 0;
-    // Granules below `decided` are already marked dirty or punched.
-    let mut decided = 0;
-    while offset < shared.size {
-        let next = shared.source.storage.next_data(offset);
-        let Some(range) = next.map_err(|e| Error::io("source SEEK_DATA", e))? else {
-            break;
-        };
-        if range.end <= offset {
-            break;
+    for planned in ranges {
+        let (first_g, end_g) = (planned.start / g, planned.end.div_ceil(g));
+        let mut offset = first_g * g;
+        // Granules below `decided` are already marked dirty or punched.
+        let mut decided = first_g;
+        while offset < (end_g * g).min(shared.size) {
+            let next = shared.source.storage.next_data(offset);
+            let Some(range) = next.map_err(|e| Error::io("source SEEK_DATA", e))? else {
+                break;
+            };
+            if range.end <= offset || range.start >= end_g * g {
+                break;
+            }
+            if offset == 0 && range.start == 0 && range.end >= shared.size {
+                // One extent over the whole source: the runs need no splitting.
+                shared.source_has_holes.store(false, Ordering::Release);
+            }
+            let first = (range.start / g).max(first_g);
+            let last = range.end.min(shared.size).div_ceil(g).min(end_g);
+            punch_holes(shared, decided, first)?;
+            for granule in first.max(decided)..last {
+                shared.dirty.set(granule);
+            }
+            decided = decided.max(last);
+            offset = range.end;
         }
-        if offset == 0 && range.start == 0 && range.end >= shared.size {
-            // One extent over the whole source: the runs need no splitting.
-            shared.source_has_holes.store(false, Ordering::Release);
-        }
-        let first = range.start / g;
-        let last = range.end.min(shared.size).div_ceil(g);
-        punch_holes(shared, decided, first)?;
-        for granule in first.max(decided)..last {
-            shared.dirty.set(granule);
-        }
-        decided = decided.max(last);
-        offset = range.end;
+        punch_holes(shared, decided, end_g.min(shared.dirty.len()))?;
     }
-    punch_holes(shared, decided, shared.dirty.len())
+    Ok(())
 }
 
 fn punch_holes<S: Storage, J: Storage>(shared: &Shared<S, J>, from: u64, to: u64) -> Result<()> {

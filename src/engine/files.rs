@@ -126,19 +126,45 @@ pub fn start_at(
     Job::new(journal, source, destination, config)
 }
 
+/// What a resumed job copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeCopy {
+    /// Only what the journal's progress says may differ: the part of the
+    /// pass after its last checkpoint, and every extent a guest write may
+    /// have reached on one image only. A journal without progress (format
+    /// 1, or written before the first checkpoint) means everything.
+    Remaining,
+    /// Everything, as a new job would.
+    All,
+}
+
 /// Takes over an unfinished job after a crash: opens the journal as
 /// recovery must, repairs damaged copies (after a backup), and, if the job
-/// was Copying or Ready, starts its copy over from the beginning under a new
-/// writer epoch (the destination may have missed writes that were in flight
-/// when the engine died). The images must still be the ones the journal
-/// recorded (same device, inode and size; for an export, the same size).
-/// Copy workers are not started.
+/// was Copying or Ready, resumes its copy under a new writer epoch, copying
+/// again what the journal's progress says may differ (the destination may
+/// have missed writes that were in flight when the engine died). The images
+/// must still be the ones the journal recorded (same device, inode and
+/// size; for an export, the same size). Copy workers are not started.
 pub fn resume(journal_path: &Path, config: Config) -> Result<FileJob> {
     resume_with(journal_path, config, &NbdOptions::default())
 }
 
 /// [`resume`], connecting exports with `options`.
 pub fn resume_with(journal_path: &Path, config: Config, options: &NbdOptions) -> Result<FileJob> {
+    resume_at(journal_path, config, options, ResumeCopy::Remaining, None)
+}
+
+/// [`resume`], connecting exports with `options`, copying what `copy` says,
+/// and, when `expected` names the images (source, destination) the caller
+/// means, refusing a journal whose job has other images (`wrong-journal`:
+/// another job's journal at this path).
+pub fn resume_at(
+    journal_path: &Path,
+    config: Config,
+    options: &NbdOptions,
+    copy: ResumeCopy,
+    expected: Option<(&Location, &Location)>,
+) -> Result<FileJob> {
     config.validate()?;
     let opened = journal::open_file(journal_path, crate::storage::JournalAccess::Exclusive)?;
     let recovered = opened.analysis.outcome.map_err(Error::Refused)?;
@@ -149,6 +175,9 @@ pub fn resume_with(journal_path: &Path, config: Config, options: &NbdOptions) ->
     })?
     .recovered;
     let record = &recovered.record;
+    if let Some((source, destination)) = expected {
+        check_images(record, source, destination)?;
+    }
     if !matches!(record.phase, Phase::Copying | Phase::Ready) {
         return Err(Error::InvalidInput(format!(
             "the job is {}; only a copying or ready job can be resumed",
@@ -157,9 +186,53 @@ pub fn resume_with(journal_path: &Path, config: Config, options: &NbdOptions) ->
     }
     let source = open_recorded(record.source(), options)?;
     let destination = open_recorded(record.destination(), options)?;
+    let progress = match copy {
+        ResumeCopy::Remaining => record.progress(),
+        ResumeCopy::All => None,
+    };
     let mut journal = journal::Journal::resume(opened.storage, &recovered)?;
-    journal.commit(Phase::Copying, 0)?;
+    journal.commit_progress(Phase::Copying, 0, progress.as_ref())?;
     Job::new(journal, source, destination, config)
+}
+
+/// Refuses (`wrong-journal`) when the journal's job is not over the images
+/// the caller names: a file by its path or its device and inode, an export
+/// by its URI.
+pub fn check_images(record: &Record, source: &Location, destination: &Location) -> Result<()> {
+    for (side, given) in [("source", source), ("destination", destination)] {
+        let recorded = match side {
+            "source" => record.source(),
+            _ => record.destination(),
+        };
+        if !names_image(recorded, given) {
+            return Err(Error::Refused(journal::Refusal {
+                reason: journal::RefusalReason::WrongJournal,
+                detail: format!(
+                    "the journal's job has {} as its {side}, not {}",
+                    recorded.name(),
+                    given
+                ),
+            }));
+        }
+    }
+    Ok(())
+}
+
+fn names_image(recorded: &ImageRef, given: &Location) -> bool {
+    match (recorded, given) {
+        (ImageRef::File(file), Location::Path(path)) => {
+            if Path::new(&file.path) == path.as_path() {
+                return true;
+            }
+            // Another name for the same file (a relative path, a link).
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(path)
+                .map(|m| (m.dev(), m.ino()) == (file.device, file.inode))
+                .unwrap_or(false)
+        }
+        (ImageRef::Export(export), given @ Location::Nbd(_)) => given.to_string() == export.uri,
+        _ => false,
+    }
 }
 
 /// Opens the image a record names, refusing if it is not the image the job

@@ -203,6 +203,9 @@ impl<S: Storage, J: Storage> Guest<S, J> {
         let g = shared.config.granularity;
         let granules = range.start / g..range.end.div_ceil(g);
         let _held = shared.ranges.lock(granules.start * g..granules.end * g);
+        // Before either image changes: a crash between the two writes must
+        // leave the extent listed for a resumed job to copy again.
+        let _marked = super::intent::mark(shared, &range)?;
         // Granules still dirty will be copied by the pass after we let go;
         // only the copier clears bits, and the range lock keeps it out.
         let any_clean = granules.clone().any(|i| !shared.dirty.get(i));

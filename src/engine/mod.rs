@@ -44,6 +44,7 @@ mod bitmap;
 mod copier;
 pub mod files;
 mod guest;
+mod intent;
 mod ranges;
 mod write_back;
 
@@ -60,7 +61,7 @@ pub use ranges::{RangeGuard, RangeLocks};
 
 use crate::error::{Error, Result};
 use crate::image::{Image, Role};
-use crate::journal::{Journal, Phase};
+use crate::journal::{self, Journal, Phase};
 use crate::storage::Storage;
 
 /// The switch syncs both images at most this many times while the guest
@@ -122,6 +123,14 @@ pub struct Config {
     pub busy_chunk_size: u64,
     /// How recent a guest request must be for the guest to count as busy.
     pub busy_window: Duration,
+    /// Bytes per write-intent extent: the unit a resumed job copies again
+    /// where a guest write may have reached one image only. A power of two,
+    /// at least the granularity. Larger extents mean fewer journal
+    /// commits before first writes, and more to recopy after a crash.
+    pub extent_size: u64,
+    /// A checkpoint of the copy's progress at least this often while there
+    /// is progress to record (and whenever the pass went 1% further).
+    pub checkpoint_every: Duration,
 }
 
 impl Default for Config {
@@ -136,6 +145,8 @@ impl Default for Config {
             busy_workers: 1,
             busy_chunk_size: 128 << 10,
             busy_window: Duration::from_millis(20),
+            extent_size: 16 << 20,
+            checkpoint_every: Duration::from_secs(5),
         }
     }
 }
@@ -165,6 +176,12 @@ impl Config {
             return Err(Error::InvalidInput(
                 "at least one busy worker and a busy chunk size above 0 are needed".into(),
             ));
+        }
+        if !self.extent_size.is_power_of_two() || self.extent_size < g {
+            return Err(Error::InvalidInput(format!(
+                "extent size {} is not a power of two >= the granularity",
+                self.extent_size
+            )));
         }
         if self.copy_workers == 0 {
             return Err(Error::InvalidInput(
@@ -256,6 +273,11 @@ pub struct Status {
     pub switch_pause: Option<Duration>,
     /// Why the job was aborted or failed.
     pub reason: Option<String>,
+    /// Bytes the pass had to copy when this job started: the source's data,
+    /// or, for a job resumed after a crash, what may differ.
+    pub to_copy: u64,
+    /// Whether the job resumed from the progress its journal recorded.
+    pub resumed: bool,
 }
 
 /// A guest request counted in flight; counts it out when dropped.
@@ -367,6 +389,12 @@ pub(crate) struct Shared<S: Storage, J: Storage> {
     pub write_through: AtomicBool,
     /// Ranges the pass wrote, for the write-back thread.
     pub write_back: write_back::WriteBack,
+    /// Durable progress and write intent (resume after a crash).
+    pub intent: intent::Intent,
+    /// Bytes the pass had to copy when the job started.
+    pub to_copy: u64,
+    /// Whether the job resumed from a recorded progress.
+    pub resumed: bool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -608,7 +636,15 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             )));
         }
         let granules = size.div_ceil(config.granularity);
-        let shared = Shared {
+        // A resumed job copies what its journal's progress says may differ;
+        // a new one (or one whose progress is for another size) everything.
+        let recorded = journal.record().progress().filter(|p| p.size == size);
+        let resumed = recorded.is_some();
+        let progress =
+            recorded.unwrap_or_else(|| journal::Progress::start(config.extent_size, size));
+        let plan = progress.to_copy();
+        let enabled = journal.version() >= crate::journal::format::FORMAT_VERSION;
+        let mut shared = Shared {
             source: Image::new(source, Role::Source),
             destination: Image::new(destination, Role::Destination),
             size,
@@ -633,8 +669,12 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             write_through: AtomicBool::new(false),
             source_has_holes: AtomicBool::new(true),
             write_back: write_back::WriteBack::default(),
+            intent: intent::Intent::new(enabled, progress),
+            to_copy: 0,
+            resumed,
         };
-        copier::plan(&shared)?;
+        copier::plan(&shared, &plan)?;
+        shared.to_copy = (shared.dirty.count() * shared.config.granularity).min(size);
         Ok(Job {
             shared: Arc::new(shared),
             workers: Vec::new(),
@@ -660,6 +700,26 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             .spawn(move || write_back::run(&shared))
             .expect("spawn the write-back thread");
         self.workers.push(handle);
+        let shared = Arc::clone(&self.shared);
+        let handle = std::thread::Builder::new()
+            .name("livecopy-checkpoint".into())
+            .spawn(move || intent::run(&shared))
+            .expect("spawn the checkpoint thread");
+        self.workers.push(handle);
+    }
+
+    /// Makes the copy's progress durable now: syncs both images and
+    /// records how far the pass got and which extents may differ, so that
+    /// a job resumed after a crash copies only those. The checkpoint
+    /// thread does this on a schedule; embedders driving `copy_step` call
+    /// it themselves. Returns whether a record was written.
+    pub fn checkpoint(&self) -> Result<bool> {
+        intent::checkpoint(&self.shared)
+    }
+
+    /// The progress the journal's newest record carries.
+    pub fn durable_progress(&self) -> journal::Progress {
+        self.shared.intent.durable()
     }
 
     /// One bulk-copy step, for embedders that drive the copy themselves and
@@ -700,6 +760,8 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             guest_in_flight: state.guest_in_flight,
             switch_pause: state.switch_pause,
             reason: state.reason.clone(),
+            to_copy: shared.to_copy,
+            resumed: shared.resumed,
         }
     }
 
@@ -945,6 +1007,7 @@ impl<S: Storage + 'static, J: Storage + 'static> Drop for Job<S, J> {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.changed.notify_all();
+        self.shared.intent.wake.notify_all();
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }

@@ -30,6 +30,7 @@
 
 pub mod format;
 pub mod payload;
+pub mod progress;
 pub mod recovery;
 
 use std::path::Path;
@@ -41,6 +42,7 @@ pub use payload::{
     ExportRecord, Extension, HeaderV1, ImagePair, ImageRecord, ImageRef, Phase, Record, RecordV1,
     Side,
 };
+pub use progress::Progress;
 pub use recovery::{Analysis, BlockReport, Class, Recovered, Refusal, RefusalReason, Repair};
 
 /// An open journal that this process may write.
@@ -236,7 +238,22 @@ impl<S: Storage> Journal<S> {
     /// Durably records that the job entered `phase` (J1). Returns the new
     /// sequence number once both copies are synced. The authoritative side
     /// follows from the phase.
+    /// The copy's progress (journal format 2) is kept while the job copies
+    /// or is ready, and dropped with any other phase.
     pub fn commit(&mut self, phase: Phase, bytes_copied: u64) -> Result<u64> {
+        let progress = self.record.progress();
+        self.commit_progress(phase, bytes_copied, progress.as_ref())
+    }
+
+    /// [`Journal::commit`] recording `progress` with a Copying or Ready
+    /// record. A format 1 journal has no room for it: the record goes
+    /// without (a resume then copies everything again).
+    pub fn commit_progress(
+        &mut self,
+        phase: Phase,
+        bytes_copied: u64,
+        progress: Option<&Progress>,
+    ) -> Result<u64> {
         if self.poisoned {
             return Err(Error::Poisoned { what: "journal" });
         }
@@ -249,7 +266,7 @@ impl<S: Storage> Journal<S> {
                 phase.name()
             )));
         }
-        let record = Record {
+        let mut record = Record {
             phase,
             authoritative: phase
                 .implied_authority()
@@ -260,6 +277,13 @@ impl<S: Storage> Journal<S> {
             wall_clock_unix_ns: now_unix_ns(),
             ..self.record.clone()
         };
+        let keep = self.version >= FORMAT_VERSION && matches!(phase, Phase::Copying | Phase::Ready);
+        if let Some(p) = progress.filter(|_| keep) {
+            p.check().map_err(|why| Error::InvalidInput(why.into()))?;
+            record.set_progress(Some(p));
+        } else {
+            record.set_progress(None);
+        }
         self.append(record)
     }
 

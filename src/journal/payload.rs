@@ -61,9 +61,11 @@ impl Phase {
     /// Whether a record of phase `next` may follow one of phase `self`.
     /// `restart` says the next record comes from a new writer (an engine
     /// restarted after a crash), which must also carry a higher epoch.
-    /// A restarted writer may re-enter Copying (the copy starts over) or
-    /// re-assert Switched; `Resolved` follows anything but is written only
-    /// by an operator and starts a new chain.
+    /// A writer may repeat Copying or Ready to record its progress (the
+    /// authoritative side stays); a restarted writer may re-enter Copying
+    /// (the copy resumes or starts over) or re-assert Switched; `Resolved`
+    /// follows anything but is written only by an operator and starts a
+    /// new chain.
     pub fn may_precede(self, next: Phase, restart: bool) -> bool {
         use Phase::*;
         match (self, next) {
@@ -71,7 +73,8 @@ impl Phase {
             (Copying, Ready | Aborted) | (Ready, Switched | Aborted) | (Switched, Completed) => {
                 true
             }
-            (Copying | Ready, Copying) | (Switched, Switched) => restart,
+            (Copying, Copying) | (Ready, Ready) => true,
+            (Ready, Copying) | (Switched, Switched) => restart,
             _ => false,
         }
     }
@@ -504,6 +507,25 @@ impl Record {
             return Err("too many extension fields");
         }
         Ok(())
+    }
+
+    /// The copy's durable progress, if the record carries it (journal
+    /// format 2, Copying or Ready). A malformed field counts as absent: the
+    /// job then copies everything again, which is always safe.
+    pub fn progress(&self) -> Option<super::progress::Progress> {
+        self.extensions
+            .iter()
+            .find(|e| e.tag == super::progress::PROGRESS_TAG)
+            .and_then(|e| super::progress::Progress::from_extension(e).ok())
+    }
+
+    /// Replaces (or, with `None`, removes) the progress field.
+    pub fn set_progress(&mut self, progress: Option<&super::progress::Progress>) {
+        self.extensions
+            .retain(|e| e.tag != super::progress::PROGRESS_TAG);
+        if let Some(p) = progress {
+            self.extensions.push(p.to_extension());
+        }
     }
 
     /// Whether an extension field this code does not know must be

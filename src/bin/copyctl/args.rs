@@ -122,7 +122,7 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
 
 #[derive(Debug, Args)]
 pub struct CopyArgs {
-    /// The journal to create.
+    /// The journal to create (with --resume: the interrupted job's).
     #[arg(long)]
     pub journal: PathBuf,
     /// The image to copy: a path, or an NBD URI (nbd://HOST[:PORT]/EXPORT,
@@ -134,8 +134,16 @@ pub struct CopyArgs {
     /// Copy over an existing destination that already holds data (a block
     /// device always counts as holding data). Without it such a destination
     /// is refused: it may be another job's only up-to-date image.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub overwrite_destination: bool,
+    /// Resume the interrupted job the journal records (copying or ready):
+    /// copy again only what its last checkpoint says may differ. SOURCE and
+    /// DESTINATION must be the journal's images.
+    #[arg(long)]
+    pub resume: bool,
+    /// With --resume: copy everything again instead.
+    #[arg(long, requires = "resume")]
+    pub restart_copy: bool,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }
@@ -254,10 +262,14 @@ pub struct ServeArgs {
     /// The export name clients ask for.
     #[arg(long, default_value = "")]
     pub export: String,
-    /// Start the copy of an unfinished job over (the journal says copying
-    /// or ready).
+    /// Resume an unfinished job (the journal says copying or ready): copy
+    /// again only what its last checkpoint says may differ. --source and
+    /// --dest must be the journal's images.
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: copy everything again instead.
+    #[arg(long, requires = "resume")]
+    pub restart_copy: bool,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }

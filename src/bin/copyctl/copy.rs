@@ -147,9 +147,29 @@ pub fn run(args: &CopyArgs, out: Output) -> anyhow::Result<Exit> {
     config.validate()?;
     let (source, destination) = (location(&args.source)?, location(&args.destination)?);
     let options = nbd_options(&args.tuning);
-    let created = ensure_destination(&source, &destination, &options, args.overwrite_destination)?;
+    let created = if args.resume {
+        false
+    } else {
+        ensure_destination(&source, &destination, &options, args.overwrite_destination)?
+    };
     let started = Instant::now();
-    let mut job = engine::files::start_at(&args.journal, &source, &destination, config, &options)?;
+    let mut job = if args.resume {
+        let copy = if args.restart_copy {
+            engine::files::ResumeCopy::All
+        } else {
+            engine::files::ResumeCopy::Remaining
+        };
+        engine::files::resume_at(
+            &args.journal,
+            config,
+            &options,
+            copy,
+            Some((&source, &destination)),
+        )?
+    } else {
+        engine::files::start_at(&args.journal, &source, &destination, config, &options)?
+    };
+    let to_copy = job.status().to_copy;
     let size = job.status().size;
     job.start_workers();
 
@@ -193,6 +213,8 @@ pub fn run(args: &CopyArgs, out: Output) -> anyhow::Result<Exit> {
         "journal": args.journal,
         "size": size,
         "bytes_copied": status.bytes_copied,
+        "resumed": status.resumed,
+        "bytes_to_copy": to_copy,
         "copy_seconds": copy_time.as_secs_f64(),
         "copy_bytes_per_second": rate,
         "switch_pause_seconds": switched.pause.as_secs_f64(),
@@ -201,8 +223,17 @@ pub fn run(args: &CopyArgs, out: Output) -> anyhow::Result<Exit> {
         "authoritative": "destination",
         "journal_seq": completed_seq,
     });
+    let resumed = if status.resumed {
+        format!(
+            "resumed:       copied again {} of {} (the rest was durable at the last checkpoint)\n",
+            human(to_copy),
+            human(size)
+        )
+    } else {
+        String::new()
+    };
     let human_text = format!(
-        "copied:        {} of {} in {:.2} s ({}/s; holes skipped)\n\
+        "{resumed}copied:        {} of {} in {:.2} s ({}/s; holes skipped)\n\
          switched:      guest paused {:.3} ms\n\
          completed:     {} is authoritative (journal seq {})\n",
         human(status.bytes_copied),

@@ -76,17 +76,28 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
         if !args.resume {
             anyhow::bail!(livecopy::Error::InvalidInput(format!(
                 "{} holds an unfinished job ({}, the source is authoritative); \
-                 pass --resume to start its copy over",
+                 pass --resume to resume its copy",
                 args.journal.display(),
                 record.phase.name()
             )));
         }
         // Release the lock: resume takes it again.
         drop(opened.storage);
-        return Ok(Ok(running(files::resume_with(
+        let copy = if args.restart_copy {
+            files::ResumeCopy::All
+        } else {
+            files::ResumeCopy::Remaining
+        };
+        let (source, destination) = (
+            crate::copy::location(&args.source)?,
+            crate::copy::location(&args.destination)?,
+        );
+        return Ok(Ok(running(files::resume_at(
             &args.journal,
             crate::copy::config(&args.tuning),
             &crate::copy::nbd_options(&args.tuning),
+            copy,
+            Some((&source, &destination)),
         )?)?));
     }
     let image = record.image(record.authoritative);

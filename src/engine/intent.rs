@@ -1,0 +1,276 @@
+//! Durable progress and write intent, so that a job resumed after a crash
+//! copies only what may differ (see `journal::progress` for the record).
+//!
+//! Invariants:
+//!
+//! - R1. Below the durable cursor, an extent where the images may differ
+//!   is listed in the newest record. A mirrored guest write to an extent
+//!   that starts below the cursor and is not listed waits until a record
+//!   listing it is durable, before it touches either image (md's bit
+//!   "durable before the data write").
+//! - R2. A checkpoint drops an extent from the list, or moves the cursor
+//!   past it, only if nothing changed it after the checkpoint's boundary:
+//!   every write and copy into it finished before the boundary, and both
+//!   images were synced after it.
+//! - R3. Listing too much is always safe (a recopy); the record's list is
+//!   coarsened to fit, never truncated.
+//!
+//! ```text
+//!   checkpoint:  boundary (touched := extents with writes in flight;
+//!                cursor := first dirty granule; kept := listed extents
+//!                still dirty)  ->  sync destination, sync source  ->
+//!                commit (cursor, touched + kept)
+//!   guest write: in_flight += extents, touched += extents; an extent below
+//!                the cursor and unlisted -> commit it first (R1)
+//! ```
+//!
+//! Lock order: intent, then journal, then state.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::Shared;
+use crate::error::{Error, Result};
+use crate::journal::{Phase, Progress};
+use crate::storage::Storage;
+
+#[derive(Debug)]
+pub(crate) struct Intent {
+    state: Mutex<State>,
+    /// Wakes the checkpoint thread early (the job stops).
+    pub wake: Condvar,
+}
+
+#[derive(Debug)]
+struct State {
+    /// False when the journal cannot carry progress (format 1).
+    enabled: bool,
+    extent: u64,
+    /// What the newest record says.
+    durable: Progress,
+    /// Extents a resumed job still copies again: listed until copied.
+    carried: BTreeSet<u64>,
+    /// Extents with a mirrored write in flight, and how many.
+    in_flight: HashMap<u64, u32>,
+    /// Extents written since the last boundary (or in flight at it).
+    touched: BTreeSet<u64>,
+    /// `copied` and time at the last checkpoint.
+    last_copied: u64,
+    last_at: Instant,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Intent {
+    /// `durable` is the newest record's progress (for a new job: nothing
+    /// copied); its listed extents are `carried` until copied again.
+    pub fn new(enabled: bool, durable: Progress) -> Intent {
+        Intent {
+            state: Mutex::new(State {
+                enabled,
+                extent: durable.extent_size,
+                carried: durable.extents().collect(),
+                durable,
+                in_flight: HashMap::new(),
+                touched: BTreeSet::new(),
+                last_copied: 0,
+                last_at: Instant::now(),
+            }),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// The newest record's progress.
+    pub fn durable(&self) -> Progress {
+        lock(&self.state).durable.clone()
+    }
+}
+
+/// A mirrored write's extents, counted in flight until dropped.
+pub(crate) struct Marked<'a, S: Storage, J: Storage> {
+    shared: &'a Shared<S, J>,
+    extents: Range<u64>,
+}
+
+impl<S: Storage, J: Storage> Drop for Marked<'_, S, J> {
+    fn drop(&mut self) {
+        if self.extents.is_empty() {
+            return;
+        }
+        let mut state = lock(&self.shared.intent.state);
+        for e in self.extents.clone() {
+            if let Some(n) = state.in_flight.get_mut(&e) {
+                *n -= 1;
+                if *n == 0 {
+                    state.in_flight.remove(&e);
+                }
+            }
+        }
+    }
+}
+
+/// Marks `range` as written by a mirrored guest write, before the write
+/// touches either image (R1). An error means the record could not be
+/// written: the write must not go on.
+pub(crate) fn mark<'a, S: Storage, J: Storage>(
+    shared: &'a Shared<S, J>,
+    range: &Range<u64>,
+) -> Result<Marked<'a, S, J>> {
+    let mut state = lock(&shared.intent.state);
+    if !state.enabled || range.is_empty() {
+        return Ok(Marked {
+            shared,
+            extents: 0..0,
+        });
+    }
+    let extents = range.start / state.extent..range.end.div_ceil(state.extent);
+    for e in extents.clone() {
+        *state.in_flight.entry(e).or_default() += 1;
+        state.touched.insert(e);
+    }
+    let extent = state.extent;
+    let needed: Vec<u64> = extents
+        .clone()
+        .filter(|&e| e * extent < state.durable.cursor && !state.durable.lists(e))
+        .collect();
+    let committed = if needed.is_empty() {
+        Ok(())
+    } else {
+        let next = Progress::with_extents(
+            extent,
+            state.durable.size,
+            state.durable.cursor,
+            state.durable.extents().chain(needed),
+        );
+        commit(shared, &next).map(|()| state.durable = next)
+    };
+    drop(state);
+    // Created after the lock is let go: its drop takes the lock.
+    let marked = Marked { shared, extents };
+    committed.map(|()| marked)
+}
+
+/// Commits `progress` with the job's current phase; a job no longer
+/// copying or ready (aborted, switched) needs none and writes nothing.
+fn commit<S: Storage, J: Storage>(shared: &Shared<S, J>, progress: &Progress) -> Result<()> {
+    let mut journal = lock(&shared.journal);
+    if journal.is_poisoned() {
+        return Err(Error::Poisoned { what: "journal" });
+    }
+    let phase = journal.record().phase;
+    if !matches!(phase, Phase::Copying | Phase::Ready) {
+        return Ok(());
+    }
+    let copied = shared.copied.load(Ordering::Acquire);
+    if let Err(e) = journal.commit_progress(phase, copied, Some(progress)) {
+        drop(journal);
+        shared.fail_engine(format!("journal: {}", e.describe()));
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Makes the copy's progress durable (R2): what was copied and written
+/// before now is synced on both images, then recorded. Returns whether a
+/// record was written.
+pub(crate) fn checkpoint<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<bool> {
+    let g = shared.config.granularity;
+    let (extent, cursor, kept, copied) = {
+        let mut state = lock(&shared.intent.state);
+        if !state.enabled || !shared.phase().mirroring() {
+            return Ok(false);
+        }
+        state.touched = state.in_flight.keys().copied().collect();
+        let copied = shared.copied.load(Ordering::Acquire);
+        let from = state.durable.cursor / g;
+        let cursor = shared
+            .dirty
+            .next_set(from)
+            .map_or(shared.size, |i| (i * g).min(shared.size));
+        let extent = state.extent;
+        let kept: BTreeSet<u64> = state
+            .carried
+            .iter()
+            .copied()
+            .filter(|&e| {
+                let first = e * extent / g;
+                let end = ((e + 1) * extent).div_ceil(g);
+                shared.dirty.next_set(first).is_some_and(|i| i < end)
+            })
+            .collect();
+        (extent, cursor, kept, copied)
+    };
+    // Everything copied or written before the boundary, durable on both.
+    if let Err(e) = shared.destination.sync() {
+        shared.fail_destination(&e);
+        return Err(e);
+    }
+    if let Err(e) = shared.source.sync() {
+        shared.fail_engine(format!("source: {}", e.describe()));
+        return Err(e);
+    }
+    let mut state = lock(&shared.intent.state);
+    let listed: Vec<u64> = state
+        .touched
+        .iter()
+        .chain(kept.iter())
+        .copied()
+        .filter(|&e| e * extent < cursor)
+        .collect();
+    let next = Progress::with_extents(extent, shared.size, cursor, listed);
+    if next == state.durable {
+        state.last_copied = copied;
+        state.last_at = Instant::now();
+        return Ok(false);
+    }
+    commit(shared, &next)?;
+    state.durable = next;
+    state.carried = kept;
+    state.last_copied = copied;
+    state.last_at = Instant::now();
+    Ok(true)
+}
+
+/// How far the pass goes between checkpoints: 1% of the image, at least
+/// 1 MiB (a resume then copies at most about 1% more than was left).
+fn step(size: u64) -> u64 {
+    (size / 100).max(1 << 20)
+}
+
+/// The checkpoint thread: a checkpoint whenever the pass went a step
+/// further, and every `checkpoint_every` while anything is listed or left
+/// to copy, until the job stops mirroring.
+pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>) {
+    let every = shared.config.checkpoint_every;
+    loop {
+        {
+            let state = lock(&shared.intent.state);
+            if !state.enabled {
+                return;
+            }
+            let _ = shared
+                .intent
+                .wake
+                .wait_timeout(state, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        if shared.stop.load(Ordering::Acquire) || !shared.phase().mirroring() {
+            return;
+        }
+        let due = {
+            let state = lock(&shared.intent.state);
+            let copied = shared.copied.load(Ordering::Acquire);
+            let work_left = state.durable.cursor < shared.size || !state.durable.runs.is_empty();
+            copied.saturating_sub(state.last_copied) >= step(shared.size)
+                || (work_left && state.last_at.elapsed() >= every)
+        };
+        if due && checkpoint(shared).is_err() {
+            return;
+        }
+    }
+}
