@@ -2230,3 +2230,65 @@ fn a_panic_inside_the_switchs_hold_fails_the_engine_and_never_holds_the_guest() 
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Durable progress and write intent (resume after a crash).
+
+/// A guest write that lands while a checkpoint syncs (after its boundary)
+/// is not covered by that sync: the checkpoint's record must still list
+/// its extent (R2), or a crash right after would leave a resumed job
+/// trusting a destination that may lack the write. A write before the
+/// boundary was synced, and its extent leaves the list.
+#[test]
+fn a_write_during_a_checkpoint_stays_listed_in_its_record() {
+    let size = 8 * G;
+    let source = SyncHook::new(SimDisk::from_bytes(pattern(2, size as usize)));
+    let destination = SyncHook::new(SimDisk::new(size));
+    let journal_disk = SimDisk::new(JOURNAL_LEN);
+    let journal = Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
+    // Four extents of two granules.
+    let config = Config {
+        extent_size: 2 * G,
+        ..sim_config()
+    };
+    let job = Job::new(journal, source.clone(), destination.clone(), config).expect("Job::new");
+    while job.copy_step().expect("step") != StepOutcome::Done {}
+    job.checkpoint().expect("checkpoint");
+    let progress = job.durable_progress();
+    assert_eq!(progress.cursor, size, "{progress:?}");
+    assert!(progress.runs.is_empty(), "{progress:?}");
+    let guest = job.guest();
+    guest.write(0, &[1; 512], false).expect("write");
+    assert!(
+        job.durable_progress().lists(0),
+        "an extent below the cursor is listed before its first write"
+    );
+    let hook_guest = guest.clone();
+    *destination.hook.lock().unwrap() = Some(Box::new(move |_| {
+        hook_guest
+            .write(6 * G, &[2; 512], false)
+            .expect("write during the checkpoint");
+    }));
+    job.checkpoint().expect("checkpoint");
+    *destination.hook.lock().unwrap() = None;
+    let progress = job.durable_progress();
+    assert!(
+        progress.lists(3),
+        "the write during the checkpoint: {progress:?}"
+    );
+    assert!(
+        !progress.lists(0),
+        "the write before it was synced: {progress:?}"
+    );
+    let recorded = journal::analyse(&journal_disk)
+        .expect("journal")
+        .outcome
+        .expect("decided")
+        .record
+        .progress();
+    assert_eq!(
+        recorded,
+        Some(progress),
+        "the journal says what the job says"
+    );
+}

@@ -28,9 +28,10 @@ use std::sync::{Arc, Mutex};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use livecopy::engine::StepOutcome;
 use livecopy::engine::{Config, Job, JobPhase};
 use livecopy::journal::format::JOURNAL_LEN;
-use livecopy::journal::{self, Journal, Side};
+use livecopy::journal::{self, Journal, Phase, Side};
 use livecopy::storage::{CrashClock, SectorFate, SimDisk, Storage, WriteFate};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestRunner};
@@ -60,6 +61,8 @@ pub enum Op {
     Switch,
     Complete,
     Abort,
+    /// A checkpoint of the copy's progress (resume after a crash).
+    Checkpoint,
     /// The remote side of the destination crashes (export runs only).
     RemoteDrop,
 }
@@ -80,7 +83,8 @@ fn op_with(remote_drop: u32) -> impl Strategy<Value = Op> {
         4 => Just(Op::Step),
         2 => Just(Op::Switch),
         1 => Just(Op::Complete),
-        1 => Just(Op::Abort),
+        // prop_oneof! takes at most ten arms with a zero weight among them.
+        3 => prop_oneof![1 => Just(Op::Abort), 2 => Just(Op::Checkpoint)],
     ]
 }
 
@@ -196,6 +200,8 @@ struct Outcome {
     destination: SimDisk,
     journal: SimDisk,
     model: Vec<BlockModel>,
+    /// The cursor of the last checkpoint that returned.
+    checkpointed: u64,
 }
 
 fn initial(block: usize) -> u64 {
@@ -212,6 +218,9 @@ fn config() -> Config {
         granularity: 4096,
         chunk_size: 8192,
         copy_workers: 1,
+        // Two blocks per extent: writes, checkpoints and resumes meet
+        // extents listed, unlisted, below and above the cursor.
+        extent_size: 8192,
         ..Config::default()
     }
 }
@@ -237,15 +246,17 @@ fn drive(ops: &[Op], crash_at: Option<u64>) -> Outcome {
     if let Some(n) = crash_at {
         clock.crash_at(clock.ops() + n);
     }
-    let outcome = |model| Outcome {
+    let mut checkpointed = 0;
+    let outcome = |model, checkpointed| Outcome {
         source: source.image(),
         destination: destination.image(),
         journal: journal_disk.clone(),
         model,
+        checkpointed,
     };
     let job = match Job::new(journal, source.clone(), destination.clone(), config()) {
         Ok(job) => job,
-        Err(_) => return outcome(model),
+        Err(_) => return outcome(model, 0),
     };
     let guest = job.guest();
     let mut next_id = 1u64;
@@ -310,6 +321,11 @@ fn drive(ops: &[Op], crash_at: Option<u64>) -> Outcome {
             Op::Abort => {
                 let _ = job.abort();
             }
+            Op::Checkpoint => {
+                if job.checkpoint().is_ok() {
+                    checkpointed = job.durable_progress().cursor;
+                }
+            }
             Op::RemoteDrop => {
                 destination.drop_remote();
                 // Once the destination is the guest's disk, its remote side
@@ -334,7 +350,7 @@ fn drive(ops: &[Op], crash_at: Option<u64>) -> Outcome {
     }
     drop(guest);
     drop(job);
-    outcome(model)
+    outcome(model, checkpointed)
 }
 
 /// The ways the three disks come back after the crash.
@@ -667,4 +683,211 @@ fn every_crash_point_keeps_every_durable_write_when_the_export_crashes_too() {
         panic!("{e}");
     }
     assert!(counts.points.load(Ordering::Relaxed) > 2_000);
+}
+
+/// What the resume half of the property counted.
+#[derive(Default)]
+struct ResumeCounts {
+    resumes: AtomicU64,
+    with_progress: AtomicU64,
+    recopied: AtomicU64,
+    image_bytes: AtomicU64,
+}
+
+/// Takes the crashed job over as `copy --resume` does (repair, new writer,
+/// Copying with the recorded progress), copies what it planned, crashes
+/// the process once part-way when `crash_after_steps` says so and resumes
+/// again, then switches. At the switch the destination must equal the
+/// source byte for byte, and the resume must have planned no more than the
+/// recorded progress lists (which the last returned checkpoint bounds).
+fn check_resume(crashed: &Outcome, fate: Fate, n: u64, ops: &[Op], counts: &ResumeCounts) {
+    let journal_disk = after(&crashed.journal, fate);
+    let fate_for_images = match fate {
+        Fate::PowerLossTearLast => Fate::PowerLossAlternate,
+        other => other,
+    };
+    let Ok(recovered) = journal::analyse(&journal_disk).expect("readable").outcome else {
+        return; // check_recovered reports it
+    };
+    if !matches!(recovered.record.phase, Phase::Copying | Phase::Ready) {
+        return;
+    }
+    let size = (BLOCK * BLOCKS) as u64;
+    let progress = recovered.record.progress();
+    if let Some(p) = &progress {
+        assert!(
+            p.cursor >= crashed.checkpointed,
+            "crash at call {n} ({fate:?}): the recorded cursor {} is behind the last \
+             checkpoint's {}; ops {ops:?}",
+            p.cursor,
+            crashed.checkpointed
+        );
+        counts.with_progress.fetch_add(1, Ordering::Relaxed);
+    } else {
+        assert_eq!(
+            crashed.checkpointed, 0,
+            "crash at call {n} ({fate:?}): progress lost"
+        );
+    }
+    let mut source = after(&crashed.source, fate_for_images);
+    let mut destination = after(&crashed.destination, fate_for_images);
+    let mut journal_disk = journal_disk;
+    let mut crash_after_steps = Some(n as usize % 3);
+    let mut first_plan = None;
+    loop {
+        let analysis = journal::analyse(&journal_disk).expect("readable");
+        let recovered = analysis.outcome.expect("decided");
+        let repaired = journal::repair(&journal_disk, &recovered, |_| Ok(()))
+            .expect("repair")
+            .recovered;
+        let recorded = repaired.record.progress();
+        let mut journal = Journal::resume(journal_disk.clone(), &repaired).expect("take over");
+        journal
+            .commit_progress(Phase::Copying, 0, recorded.as_ref())
+            .expect("commit Copying");
+        let job = Job::new(journal, source.clone(), destination.clone(), config()).expect("resume");
+        let status = job.status();
+        assert!(status.resumed == recorded.is_some());
+        let bound = recorded.as_ref().map_or(size, |p| p.bytes_to_copy());
+        assert!(
+            status.to_copy <= bound,
+            "crash at call {n} ({fate:?}): the resume plans {} bytes, the progress lists {bound}",
+            status.to_copy
+        );
+        first_plan.get_or_insert(status.to_copy);
+        let guest = job.guest();
+        let mut steps = 0;
+        loop {
+            if crash_after_steps == Some(steps) {
+                break;
+            }
+            match job.copy_step().expect("step") {
+                StepOutcome::Done => break,
+                StepOutcome::Copied(_) => {
+                    steps += 1;
+                    // A guest write and a checkpoint between steps.
+                    let b = (n as usize + steps) % BLOCKS;
+                    guest
+                        .write(
+                            (b * BLOCK) as u64,
+                            &block_bytes(9_000 + steps as u64),
+                            false,
+                        )
+                        .expect("guest write");
+                    job.checkpoint().expect("checkpoint");
+                }
+            }
+        }
+        if crash_after_steps.take().is_some() && job.status().phase == JobPhase::Copying {
+            // The resumed engine dies too: the next one takes over.
+            drop(guest);
+            drop(job);
+            source = source.after_process_crash();
+            destination = destination.after_process_crash();
+            journal_disk = journal_disk.after_process_crash();
+            continue;
+        }
+        assert_eq!(
+            job.status().phase,
+            JobPhase::Ready,
+            "crash at call {n} ({fate:?})"
+        );
+        job.switch().expect("switch");
+        assert!(
+            destination.live_bytes()[..size as usize] == source.live_bytes()[..],
+            "crash at call {n} ({fate:?}): after the resume the destination differs from the \
+             source at the switch; ops {ops:?}"
+        );
+        break;
+    }
+    counts.resumes.fetch_add(1, Ordering::Relaxed);
+    counts
+        .recopied
+        .fetch_add(first_plan.unwrap_or(0), Ordering::Relaxed);
+    counts.image_bytes.fetch_add(size, Ordering::Relaxed);
+}
+
+/// Every crash point of the workloads, every fate: resumed, the copy ends
+/// with a destination equal to the source, planning only what the
+/// journal's progress lists.
+#[test]
+fn every_crash_point_resumes_to_a_destination_equal_to_the_source() {
+    let counts = ResumeCounts::default();
+    let mut workloads: Vec<Vec<Op>> = WORKLOADS.iter().map(|w| w.to_vec()).collect();
+    // The pass checkpointed part-way, then guest writes below and above
+    // the cursor, then more pass.
+    let w = |block| Op::Write { block, fua: false };
+    workloads.push(vec![
+        Op::Step,
+        Op::Step,
+        Op::Checkpoint,
+        w(0),
+        w(9),
+        Op::Step,
+        Op::Checkpoint,
+        w(1),
+        Op::Step,
+        w(3),
+        Op::Checkpoint,
+        Op::Step,
+        Op::Step,
+        Op::Checkpoint,
+        w(0),
+        Op::Flush,
+        Op::Step,
+        Op::Step,
+        w(10),
+    ]);
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64u32);
+    let mut rng = 0x5eed_u64;
+    for _ in 0..cases {
+        let len = 8 + (rng % 40) as usize;
+        let mut ops = Vec::with_capacity(len);
+        for _ in 0..len {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let r = (rng >> 33) as u8;
+            ops.push(match r % 8 {
+                0..=2 => Op::Step,
+                3 | 4 => w(r / 8 % BLOCKS as u8),
+                5 => Op::Checkpoint,
+                6 => Op::Write {
+                    block: r / 8 % BLOCKS as u8,
+                    fua: true,
+                },
+                _ => Op::Flush,
+            });
+        }
+        workloads.push(ops);
+    }
+    let mut points = 0u64;
+    for ops in &workloads {
+        let probe = drive(ops, None);
+        let total = probe.source.ops() + probe.destination.ops() + probe.journal.ops();
+        for n in 0..=total {
+            points += 1;
+            let crashed = drive(ops, Some(n));
+            for fate in FATES {
+                check_resume(&crashed, fate, n, ops, &counts);
+            }
+        }
+    }
+    let resumes = counts.resumes.load(Ordering::Relaxed);
+    let recopied = counts.recopied.load(Ordering::Relaxed);
+    let image = counts.image_bytes.load(Ordering::Relaxed);
+    println!(
+        "resume crash property: {} workloads, {points} crash points, {resumes} resumes ({} with \
+         recorded progress), each crashed once more part-way; planned {recopied} of {image} \
+         bytes ({:.1}%)",
+        workloads.len(),
+        counts.with_progress.load(Ordering::Relaxed),
+        100.0 * recopied as f64 / image.max(1) as f64
+    );
+    assert!(resumes > 1_000, "the enumeration shrank: {resumes} resumes");
+    assert!(counts.with_progress.load(Ordering::Relaxed) > 100);
+    assert!(recopied < image, "resumes never saved a byte");
 }
