@@ -256,7 +256,7 @@ pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>) {
             let _ = shared
                 .intent
                 .wake
-                .wait_timeout(state, Duration::from_millis(50))
+                .wait_timeout(state, Duration::from_millis(20))
                 .unwrap_or_else(|p| p.into_inner());
         }
         if shared.stop.load(Ordering::Acquire) || !shared.phase().mirroring() {

@@ -22,6 +22,7 @@ mod remote;
 mod remote_serve;
 mod resolve;
 mod restart;
+mod resume;
 mod serve;
 mod sim;
 mod support;
