@@ -58,6 +58,8 @@ pub fn status_json(status: &Status) -> Value {
         "in_flight": status.guest_in_flight,
         "switch_pause_ms": status.switch_pause.map(|p| p.as_secs_f64() * 1e3),
         "reason": status.reason,
+        "bytes_to_copy": status.to_copy,
+        "resumed": status.resumed,
     })
 }
 

@@ -12,14 +12,19 @@
 //!   past it, only if nothing changed it after the checkpoint's boundary:
 //!   every write and copy into it finished before the boundary, and both
 //!   images were synced after it.
+//!   An extent written in the interval before the boundary stays listed
+//!   one more checkpoint (it is likely written again), so a guest that
+//!   keeps writing an extent pays one commit for it, not one per
+//!   checkpoint.
 //! - R3. Listing too much is always safe (a recopy); the record's list is
 //!   coarsened to fit, never truncated.
 //!
 //! ```text
-//!   checkpoint:  boundary (touched := extents with writes in flight;
+//!   checkpoint:  boundary (previous := touched; touched := extents with
+//!                writes in flight;
 //!                cursor := first dirty granule; kept := listed extents
 //!                still dirty)  ->  sync destination, sync source  ->
-//!                commit (cursor, touched + kept)
+//!                commit (cursor, touched + previous + kept)
 //!   guest write: in_flight += extents, touched += extents; an extent below
 //!                the cursor and unlisted -> commit it first (R1)
 //! ```
@@ -40,6 +45,8 @@ use crate::storage::Storage;
 #[derive(Debug)]
 pub(crate) struct Intent {
     state: Mutex<State>,
+    /// One checkpoint at a time (the thread, or an embedder's call).
+    checkpointing: Mutex<()>,
     /// Wakes the checkpoint thread early (the job stops).
     pub wake: Condvar,
 }
@@ -57,6 +64,12 @@ struct State {
     in_flight: HashMap<u64, u32>,
     /// Extents written since the last boundary (or in flight at it).
     touched: BTreeSet<u64>,
+    /// Extents written between the two boundaries before: still listed
+    /// by the next checkpoint, so that an extent the guest keeps writing
+    /// stays listed instead of costing a commit after every checkpoint
+    /// (DRBD's activity log keeps hot extents the same way; md clears a
+    /// bit two to three daemon periods after its last write).
+    previous: BTreeSet<u64>,
     /// `copied` and time at the last checkpoint.
     last_copied: u64,
     last_at: Instant,
@@ -78,9 +91,11 @@ impl Intent {
                 durable,
                 in_flight: HashMap::new(),
                 touched: BTreeSet::new(),
+                previous: BTreeSet::new(),
                 last_copied: 0,
                 last_at: Instant::now(),
             }),
+            checkpointing: Mutex::new(()),
             wake: Condvar::new(),
         }
     }
@@ -179,13 +194,15 @@ fn commit<S: Storage, J: Storage>(shared: &Shared<S, J>, progress: &Progress) ->
 /// before now is synced on both images, then recorded. Returns whether a
 /// record was written.
 pub(crate) fn checkpoint<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<bool> {
+    let _one = lock(&shared.intent.checkpointing);
     let g = shared.config.granularity;
     let (extent, cursor, kept, copied) = {
         let mut state = lock(&shared.intent.state);
         if !state.enabled || !shared.phase().mirroring() {
             return Ok(false);
         }
-        state.touched = state.in_flight.keys().copied().collect();
+        let in_flight = state.in_flight.keys().copied().collect();
+        state.previous = std::mem::replace(&mut state.touched, in_flight);
         let copied = shared.copied.load(Ordering::Acquire);
         let from = state.durable.cursor / g;
         let cursor = shared
@@ -218,6 +235,7 @@ pub(crate) fn checkpoint<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Resul
     let listed: Vec<u64> = state
         .touched
         .iter()
+        .chain(state.previous.iter())
         .chain(kept.iter())
         .copied()
         .filter(|&e| e * extent < cursor)

@@ -90,7 +90,16 @@ fn a_copy_killed_twice_resumes_and_copies_only_what_was_left() {
     assert_eq!(verdict["authoritative"], "source");
 
     // Human summary; killed again part-way through its own copy.
-    let resume = ["copy", "--resume", "--bandwidth", "256M", "--journal", j, s, d];
+    let resume = [
+        "copy",
+        "--resume",
+        "--bandwidth",
+        "256M",
+        "--journal",
+        j,
+        s,
+        d,
+    ];
     let mut second = spawn_copy(&resume);
     let at_second_kill = kill_at(&mut second, &destination, size, 0.8);
     assert!(at_second_kill > at_first_kill);
@@ -111,7 +120,10 @@ fn a_copy_killed_twice_resumes_and_copies_only_what_was_left() {
         size / MIB,
         bound / MIB
     );
-    assert!(to_copy <= bound, "copied again {to_copy} bytes, bound {bound}");
+    assert!(
+        to_copy <= bound,
+        "copied again {to_copy} bytes, bound {bound}"
+    );
     assert!(to_copy > 0);
     assert!(
         files_equal(&source, &destination),

@@ -80,6 +80,12 @@ pub fn record_json(seq: u64, record: &Record) -> Value {
         "writer_instance": hex(&record.writer_instance),
         "writer_epoch": record.writer_epoch,
         "bytes_copied": record.bytes_copied,
+        "progress": record.progress().map(|p| json!({
+            "cursor": p.cursor,
+            "extent_size": p.extent_size,
+            "extents_listed": p.runs.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>(),
+            "bytes_to_copy": p.bytes_to_copy(),
+        })),
         "wall_clock_unix_ns": record.wall_clock_unix_ns,
         "source": image_json(record.source()),
         "destination": image_json(record.destination()),

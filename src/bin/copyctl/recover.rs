@@ -93,6 +93,16 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
             "transport:     NBD in plain text (no TLS)\n"
         });
     }
+    if let Some(p) = record.progress() {
+        human.push_str(&format!(
+            "resume:        copy --resume / serve --resume copies again {} bytes \
+             (checkpoint at {} bytes, {} extents of {} bytes listed)\n",
+            p.bytes_to_copy(),
+            p.cursor,
+            p.extents().count(),
+            p.extent_size
+        ));
+    }
     for r in &repaired {
         human.push_str(&format!("repaired:      {} from {}\n", r.target, r.source));
     }
