@@ -371,3 +371,76 @@ fn a_format_1_journal_is_read_and_continued_in_format_1() {
         (2, Side::Destination)
     );
 }
+
+/// The progress extension (journal-format.md 6.6): extent 16 MiB, image
+/// 1 GiB, cursor 512 MiB, extents 3-4 and 20 listed.
+const PROGRESS_DATA: &str = "
+    01000000 00000001 00000000 00000040
+    00000000 00000020 00000000 02000000
+    03000000 00000000 02000000 00000000
+    14000000 00000000 01000000 00000000
+";
+
+#[test]
+fn the_progress_extension_matches_its_golden_vector_and_the_spec() {
+    use livecopy::journal::progress::{PROGRESS_TAG, Progress};
+    let progress = Progress::with_extents(16 << 20, 1 << 30, 512 << 20, [20, 4, 3]);
+    let extension = progress.to_extension();
+    assert_eq!(extension.tag, PROGRESS_TAG);
+    assert_eq!(extension.tag, 1, "optional: bit 15 clear");
+    assert_eq!(extension.data, unhex(PROGRESS_DATA));
+    assert_eq!(Progress::from_extension(&extension), Ok(progress.clone()));
+    // From the spec alone: what a resumed job copies again.
+    let data = unhex(PROGRESS_DATA);
+    let le = |at: usize, n: usize| {
+        data[at..at + n]
+            .iter()
+            .rev()
+            .fold(0u64, |v, b| (v << 8) | u64::from(*b))
+    };
+    assert_eq!(le(0, 4), 1, "version");
+    let (extent, size, cursor, n) = (le(4, 8), le(12, 8), le(20, 8), le(28, 4));
+    let mut to_copy = size - cursor;
+    for i in 0..n as usize {
+        let (first, count) = (le(32 + 16 * i, 8), le(40 + 16 * i, 8));
+        to_copy += count * extent;
+        assert!(first * extent < cursor);
+    }
+    assert_eq!(to_copy, 560 << 20);
+    assert_eq!(progress.bytes_to_copy(), to_copy);
+    // Damaged fields are refused, never half-read.
+    for (what, mut bad) in [
+        ("version", data.clone()),
+        ("run count", data.clone()),
+        ("extent size", data.clone()),
+        ("cursor", data.clone()),
+    ] {
+        match what {
+            "version" => bad[0] = 2,
+            "run count" => bad[28] = 3,
+            "extent size" => bad[4] = 1,
+            _ => bad[27] = 0x80,
+        }
+        let damaged = Extension {
+            tag: PROGRESS_TAG,
+            data: bad,
+        };
+        assert!(Progress::from_extension(&damaged).is_err(), "{what}");
+    }
+}
+
+/// More runs than a record holds are joined, never dropped: every extent
+/// listed stays listed.
+#[test]
+fn progress_with_too_many_runs_is_coarsened_not_truncated() {
+    use livecopy::journal::progress::{MAX_RUNS, Progress};
+    let extents: Vec<u64> = (0..200).map(|i| i * 3 + (i % 7)).collect();
+    let progress = Progress::with_extents(4096, 4096 * 1000, 4096 * 1000, extents.clone());
+    assert!(progress.runs.len() <= MAX_RUNS);
+    assert!(progress.check().is_ok());
+    for e in extents {
+        assert!(progress.lists(e), "extent {e} dropped");
+    }
+    let decoded = Progress::from_extension(&progress.to_extension()).expect("decodes");
+    assert_eq!(decoded, progress);
+}

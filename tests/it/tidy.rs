@@ -4,11 +4,15 @@
 use std::path::{Path, PathBuf};
 
 /// The files whose every byte the spec (journal-format.md) describes.
-const FORMAT_SOURCES: [&str; 2] = ["src/journal/format.rs", "src/journal/payload.rs"];
+const FORMAT_SOURCES: [&str; 3] = [
+    "src/journal/format.rs",
+    "src/journal/payload.rs",
+    "src/journal/progress.rs",
+];
 /// The spec.
 const SPEC: &str = "journal-format.md";
 /// How the spec states the hash of [`FORMAT_SOURCES`].
-const HASH_LINE_PREFIX: &str = "format.rs and payload.rs hash: ";
+const HASH_LINE_PREFIX: &str = "format.rs, payload.rs and progress.rs hash: ";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
