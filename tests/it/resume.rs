@@ -178,3 +178,121 @@ fn files_equal(a: &Path, b: &Path) -> bool {
         }
     }
 }
+
+/// What `copy --resume` refuses, each with its exit code, a message naming
+/// the cause, and the destination left as it was: a completed job, an
+/// aborted one, a replaced or resized image, another job's journal,
+/// --restart-copy without --resume.
+#[test]
+fn resume_refusals_name_the_cause_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (s, d, j) = (path("src.img"), path("dst.img"), path("j"));
+    source_image(Path::new(&s), 8 * MIB);
+
+    // A completed job.
+    let done = run_copyctl(&["copy", "--journal", &j, &s, &d]);
+    assert_eq!(done.code, 0, "{}", done.stderr);
+    let check = |args: &[&str], code: i32, words: &str| {
+        let before = fs::read(&d).ok();
+        let run = run_copyctl(args);
+        assert_eq!(run.code, code, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(words), "{args:?}: {}", run.stderr);
+        assert_eq!(
+            fs::read(&d).ok(),
+            before,
+            "{args:?} changed the destination"
+        );
+    };
+    check(
+        &["copy", "--resume", "--journal", &j, &s, &d],
+        9,
+        "completed",
+    );
+
+    // Another job's journal: its images are not these.
+    let (s2, d2, j2) = (path("src2.img"), path("dst2.img"), path("j2"));
+    source_image(Path::new(&s2), 8 * MIB);
+    let mut other = spawn_copy(&["copy", "--bandwidth", "1M", "--journal", &j2, &s2, &d2]);
+    std::thread::sleep(Duration::from_millis(1500));
+    other.kill().unwrap();
+    other.wait().unwrap();
+    check(
+        &["copy", "--resume", "--journal", &j2, &s, &d],
+        4,
+        "wrong-journal",
+    );
+    check(
+        &["copy", "--resume", "--journal", &j2, &s2, &d],
+        4,
+        "wrong-journal",
+    );
+
+    // A replaced source (same path, another file): identity differs.
+    let saved = path("src2.saved");
+    fs::rename(&s2, &saved).unwrap();
+    fs::copy(&saved, &s2).unwrap();
+    check(
+        &["copy", "--resume", "--journal", &j2, &s2, &d2],
+        9,
+        "not the file the job started with",
+    );
+    fs::remove_file(&s2).unwrap();
+    fs::rename(&saved, &s2).unwrap();
+
+    // A resized destination.
+    let file = fs::OpenOptions::new().write(true).open(&d2).unwrap();
+    let size = file.metadata().unwrap().len();
+    file.set_len(size + MIB).unwrap();
+    check(
+        &["copy", "--resume", "--journal", &j2, &s2, &d2],
+        9,
+        "resized",
+    );
+    file.set_len(size).unwrap();
+
+    // With its images back, the job resumes.
+    let resumed = run_copyctl(&["copy", "--resume", "--journal", &j2, &s2, &d2]);
+    assert_eq!(
+        resumed.code, 0,
+        "the job resumes once its images are back: {}",
+        resumed.stderr
+    );
+
+    let (s3, d3, j3) = (path("src3.img"), path("dst3.img"), path("j3"));
+    source_image(Path::new(&s3), 8 * MIB);
+    let (nbd, ctl) = (path("nbd.sock"), path("ctl.sock"));
+    let mut serve = spawn_copy(&[
+        "serve",
+        "--bandwidth",
+        "1M",
+        "--journal",
+        &j3,
+        "--source",
+        &s3,
+        "--dest",
+        &d3,
+        "--socket",
+        &nbd,
+        "--control",
+        &ctl,
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !Path::new(&ctl).exists() {
+        assert!(std::time::Instant::now() < deadline, "serve never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let abort = run_copyctl(&["abort", "--control", &ctl]);
+    assert_eq!(abort.code, 0, "{}", abort.stderr);
+    serve.kill().unwrap();
+    serve.wait().unwrap();
+    check(
+        &["copy", "--resume", "--journal", &j3, &s3, &d3],
+        9,
+        "aborted",
+    );
+
+    // Usage: --restart-copy needs --resume.
+    let usage = run_copyctl(&["copy", "--restart-copy", "--journal", &j3, &s3, &d3]);
+    assert_eq!(usage.code, 2, "{}", usage.stderr);
+}
