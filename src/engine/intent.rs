@@ -162,7 +162,7 @@ pub(crate) fn mark<'a, S: Storage, J: Storage>(
             state.durable.cursor,
             state.durable.extents().chain(needed),
         );
-        commit(shared, &next).map(|()| state.durable = next)
+        commit(shared, &next).map(|recorded| state.durable = recorded)
     };
     drop(state);
     // Created after the lock is let go: its drop takes the lock.
@@ -170,16 +170,18 @@ pub(crate) fn mark<'a, S: Storage, J: Storage>(
     committed.map(|()| marked)
 }
 
-/// Commits `progress` with the job's current phase; a job no longer
-/// copying or ready (aborted, switched) needs none and writes nothing.
-fn commit<S: Storage, J: Storage>(shared: &Shared<S, J>, progress: &Progress) -> Result<()> {
+/// Commits `progress` with the job's current phase and returns what the
+/// record holds (coarsened to fit, or none: see
+/// `Journal::commit_progress`); a job no longer copying or ready (aborted,
+/// switched) needs none and writes nothing.
+fn commit<S: Storage, J: Storage>(shared: &Shared<S, J>, progress: &Progress) -> Result<Progress> {
     let mut journal = lock(&shared.journal);
     if journal.is_poisoned() {
         return Err(Error::Poisoned { what: "journal" });
     }
     let phase = journal.record().phase;
     if !matches!(phase, Phase::Copying | Phase::Ready) {
-        return Ok(());
+        return Ok(progress.clone());
     }
     let copied = shared.copied.load(Ordering::Acquire);
     if let Err(e) = journal.commit_progress(phase, copied, Some(progress)) {
@@ -187,7 +189,11 @@ fn commit<S: Storage, J: Storage>(shared: &Shared<S, J>, progress: &Progress) ->
         shared.fail_engine(format!("journal: {}", e.describe()));
         return Err(e);
     }
-    Ok(())
+    // No room for any progress: the record says "copy everything", which
+    // a cursor at 0 with nothing listed says too.
+    Ok(journal
+        .progress()
+        .unwrap_or_else(|| Progress::start(progress.extent_size, progress.size)))
 }
 
 /// Makes the copy's progress durable (R2): what was copied and written
@@ -246,8 +252,7 @@ pub(crate) fn checkpoint<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Resul
         state.last_at = Instant::now();
         return Ok(false);
     }
-    commit(shared, &next)?;
-    state.durable = next;
+    state.durable = commit(shared, &next)?;
     state.carried = kept;
     state.last_copied = copied;
     state.last_at = Instant::now();

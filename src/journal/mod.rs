@@ -205,6 +205,12 @@ impl<S: Storage> Journal<S> {
         })
     }
 
+    /// The progress the newest durable record carries (after any
+    /// coarsening `commit_progress` did to fit it).
+    pub fn progress(&self) -> Option<Progress> {
+        self.record.progress()
+    }
+
     /// The newest durable record.
     pub fn record(&self) -> &Record {
         &self.record
@@ -278,11 +284,19 @@ impl<S: Storage> Journal<S> {
             ..self.record.clone()
         };
         let keep = self.version >= FORMAT_VERSION && matches!(phase, Phase::Copying | Phase::Ready);
-        if let Some(p) = progress.filter(|_| keep) {
+        let mut progress = progress.filter(|_| keep).cloned();
+        if let Some(p) = &progress {
             p.check().map_err(|why| Error::InvalidInput(why.into()))?;
-            record.set_progress(Some(p));
-        } else {
-            record.set_progress(None);
+        }
+        // Long image names leave less room: fewer, wider runs, and at
+        // worst no progress (a resume then copies everything). Never a
+        // failed commit for want of room.
+        loop {
+            record.set_progress(progress.as_ref());
+            if progress.is_none() || payload::encode_record(self.version, &record).is_ok() {
+                break;
+            }
+            progress = progress.and_then(|p| p.coarser());
         }
         self.append(record)
     }

@@ -30,8 +30,9 @@ use super::payload::Extension;
 
 /// The extension tag of the progress field (optional: bit 15 clear).
 pub const PROGRESS_TAG: u16 = 1;
-/// Runs at most; more are joined (coarsened) to fit.
-pub const MAX_RUNS: usize = 32;
+/// Runs at most (2 KiB); more are joined (coarsened) to fit. A record
+/// whose image names leave less room gets fewer (`Progress::coarser`).
+pub const MAX_RUNS: usize = 128;
 const VERSION: u32 = 1;
 const HEAD: usize = 4 + 8 + 8 + 8 + 4;
 
@@ -85,6 +86,22 @@ impl Progress {
             cursor,
             runs,
         }
+    }
+
+    /// The same progress with at most half the runs (joined, so every
+    /// extent stays listed), or `None` when it has one run or none: the
+    /// caller then records no progress at all (a resume copies
+    /// everything).
+    pub fn coarser(&self) -> Option<Progress> {
+        if self.runs.len() <= 1 {
+            return None;
+        }
+        let mut runs = self.runs.clone();
+        coarsen_to(&mut runs, self.runs.len() / 2);
+        Some(Progress {
+            runs,
+            ..self.clone()
+        })
     }
 
     /// Whether extent `e` is listed.
@@ -210,7 +227,11 @@ impl Progress {
 /// Joins the runs with the smallest gaps until at most [`MAX_RUNS`] are
 /// left: every extent listed before stays listed.
 fn coarsen(runs: &mut Vec<Range<u64>>) {
-    while runs.len() > MAX_RUNS {
+    coarsen_to(runs, MAX_RUNS);
+}
+
+fn coarsen_to(runs: &mut Vec<Range<u64>>, most: usize) {
+    while runs.len() > most.max(1) {
         let (i, _) = runs
             .windows(2)
             .enumerate()

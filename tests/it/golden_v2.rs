@@ -444,3 +444,72 @@ fn progress_with_too_many_runs_is_coarsened_not_truncated() {
     let decoded = Progress::from_extension(&progress.to_extension()).expect("decodes");
     assert_eq!(decoded, progress);
 }
+
+/// A record whose image names take most of the block still commits its
+/// progress: with fewer, wider runs (every extent still listed), or, when
+/// not even an empty list fits, with none (a resume copies everything).
+/// Never a failed commit, which would stop the engine.
+#[test]
+fn progress_that_does_not_fit_beside_long_names_is_coarsened_then_dropped() {
+    use livecopy::journal::Journal;
+    use livecopy::journal::format::JOURNAL_LEN;
+    use livecopy::journal::progress::{MAX_RUNS, Progress};
+    use livecopy::storage::SimDisk;
+    let path = |c: &str| {
+        ImageRef::File(ImageRecord {
+            path: format!("/{}", c.repeat(1000)),
+            size: 1 << 20,
+            device: 1,
+            inode: if c == "s" { 11 } else { 12 },
+        })
+    };
+    let export = |c: &str, name: usize| {
+        ImageRef::Export(ExportRecord {
+            uri: format!("nbd://h/{}", c.repeat(1010)),
+            export: "e".repeat(name),
+            size: 1 << 20,
+            tls: false,
+        })
+    };
+    let record = |source, destination| {
+        Record::single(
+            *b"test-job-0000001",
+            Phase::Copying,
+            source,
+            destination,
+            *b"writer-instance1",
+            1,
+            0,
+            0,
+        )
+    };
+    let format = |record| Journal::format(SimDisk::new(JOURNAL_LEN), *b"test-journal-id1", record);
+    // The longest export names that still leave room for the record: not
+    // a byte to spare for a progress field.
+    let name = (0..1024)
+        .rev()
+        .find(|&n| format(record(export("s", n), export("d", n))).is_ok())
+        .expect("some length fits");
+    for (source, destination, fits) in [
+        (path("s"), path("d"), true),
+        (export("s", name), export("d", name), false),
+    ] {
+        let mut journal = format(record(source, destination)).expect("format");
+        let extents: Vec<u64> = (0..MAX_RUNS as u64).map(|i| i * 2).collect();
+        let progress = Progress::with_extents(4096, 1 << 20, 1 << 20, extents.clone());
+        assert_eq!(progress.runs.len(), MAX_RUNS);
+        journal
+            .commit_progress(Phase::Copying, 0, Some(&progress))
+            .expect("the commit goes through");
+        match journal.progress() {
+            Some(recorded) => {
+                assert!(fits, "progress recorded where none fits?");
+                assert!(recorded.runs.len() < MAX_RUNS, "coarsened");
+                for e in &extents {
+                    assert!(recorded.lists(*e), "extent {e} dropped");
+                }
+            }
+            None => assert!(!fits, "progress dropped though it fits coarsened"),
+        }
+    }
+}

@@ -164,6 +164,11 @@ pub struct DemoArgs {
     /// a storage migration to another host does), instead of a file.
     #[arg(long)]
     pub remote: bool,
+    /// Also kill the engine once during the copy (at 30-70%, from the
+    /// seed), check the source, and resume the copy from its last
+    /// checkpoint before going on to the switch and the second kill.
+    #[arg(long)]
+    pub crash_during_copy: bool,
 }
 
 #[derive(Debug, Args)]
@@ -175,6 +180,13 @@ pub struct DemoEngineArgs {
     /// The destination's NBD URI, when it is an export.
     #[arg(long)]
     pub dest_uri: Option<String>,
+    /// Copy slowly and report progress: the parent kills this run during
+    /// the copy.
+    #[arg(long)]
+    pub crash_during_copy: bool,
+    /// Resume the job the journal records instead of starting one.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Debug, Args)]

@@ -134,28 +134,51 @@ pub fn run(args: &DemoArgs, out: Output) -> anyhow::Result<Exit> {
     };
 
     let exe = std::env::current_exe().context("finding copyctl itself")?;
-    let mut engine = Command::new(exe);
-    engine
-        .args(["demo-engine", "--dir"])
-        .arg(&dir)
-        .args(["--seed", &seed.to_string()]);
-    if let Some(remote) = &remote {
-        engine.args(["--dest-uri", &remote.uri]);
-    }
-    let mut child = engine
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting the engine process")?;
+    let spawn_engine = |extra: &[&str]| -> anyhow::Result<std::process::Child> {
+        let mut engine = Command::new(&exe);
+        engine
+            .args(["demo-engine", "--dir"])
+            .arg(&dir)
+            .args(["--seed", &seed.to_string()])
+            .args(extra);
+        if let Some(remote) = &remote {
+            engine.args(["--dest-uri", &remote.uri]);
+        }
+        engine
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the engine process")
+    };
+    let crash_during_copy = if args.crash_during_copy {
+        Some(crash_during_copy(
+            &spawn_engine,
+            seed,
+            data,
+            &journal,
+            &source,
+            &log,
+            size,
+        )?)
+    } else {
+        None
+    };
+    let mut child = spawn_engine(if crash_during_copy.is_some() {
+        &["--resume"]
+    } else {
+        &[]
+    })?;
     let events = BufReader::new(child.stdout.take().expect("piped stdout"));
     let kill_after = 3 + seed % 17;
     let mut ready = Value::Null;
+    let mut resumed = Value::Null;
     let mut switched = Value::Null;
     let mut flushes_after_switch = 0;
     for line in events.lines() {
         let event: Value = serde_json::from_str(&line?).context("an engine event")?;
         match event["event"].as_str() {
             Some("ready") => ready = event,
+            Some("resumed") => resumed = event,
             Some("switched") => switched = event,
             Some("flush") if !switched.is_null() => {
                 flushes_after_switch += 1;
@@ -190,8 +213,36 @@ pub fn run(args: &DemoArgs, out: Output) -> anyhow::Result<Exit> {
     }
     let ok = checked.wrong.is_empty();
     let side = authority.side.name();
+    let first_crash = crash_during_copy.as_ref().map_or(Value::Null, |c| {
+        json!({
+            "killed_at_bytes_copied": c.killed_at,
+            "recovery": {"authoritative": "source", "phase": c.phase},
+            "writes_acknowledged": c.checked.acknowledged,
+            "wrong_blocks": c.checked.wrong.iter().take(20).collect::<Vec<_>>(),
+            "resumed_bytes_to_copy": resumed["bytes_to_copy"],
+        })
+    });
+    let first_crash_text = match &crash_during_copy {
+        Some(c) => format!(
+            "crash:     kill -9 of the engine during the copy, at {} of {}\n\
+             recovery:  source authoritative (phase {}); {} acknowledged writes checked, {} wrong\n\
+             resume:    copied again {} (the rest was durable at the last checkpoint)\n",
+            human(c.killed_at),
+            human(data),
+            c.phase,
+            c.checked.acknowledged,
+            c.checked.wrong.len(),
+            human(resumed["bytes_to_copy"].as_u64().unwrap_or(0)),
+        ),
+        None => String::new(),
+    };
+    let ok = ok
+        && crash_during_copy
+            .as_ref()
+            .is_none_or(|c| c.checked.wrong.is_empty());
     let json = json!({
         "seed": seed,
+        "crash_during_copy": first_crash,
         "dir": dir,
         "size": size,
         "data_bytes": data,
@@ -213,6 +264,7 @@ pub fn run(args: &DemoArgs, out: Output) -> anyhow::Result<Exit> {
     let copy_seconds = ready["seconds"].as_f64().unwrap_or(0.0);
     let human_text = format!(
         "livecopy demo: seed {seed}, {} source ({} of data), in {}\n\
+         {first_crash_text}\
          copy:      {} in {:.2} s ({}/s), the guest writing and flushing all along\n\
          switch:    guest paused {:.3} ms\n\
          crash:     kill -9 of the engine after {} guest flushes on the destination\n\
@@ -246,6 +298,67 @@ pub fn run(args: &DemoArgs, out: Output) -> anyhow::Result<Exit> {
         "recovery named the source after the switch"
     );
     Ok(if ok { Exit::Ok } else { Exit::Failure })
+}
+
+/// What the kill during the copy left.
+struct FirstCrash {
+    killed_at: u64,
+    phase: &'static str,
+    checked: Checked,
+}
+
+/// Runs the engine slowly, kills it at 30-70% of the copy (from the seed),
+/// and checks that recovery names the source and that the source holds
+/// every acknowledged write.
+fn crash_during_copy(
+    spawn_engine: &dyn Fn(&[&str]) -> anyhow::Result<std::process::Child>,
+    seed: u64,
+    data: u64,
+    journal: &Path,
+    source: &Path,
+    log: &Path,
+    size: u64,
+) -> anyhow::Result<FirstCrash> {
+    let mut child = spawn_engine(&["--crash-during-copy"])?;
+    let events = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let target = data / 100 * (30 + seed % 41);
+    let mut killed_at = 0;
+    for line in events.lines() {
+        let event: Value = serde_json::from_str(&line?).context("an engine event")?;
+        match event["event"].as_str() {
+            Some("copying") => {
+                killed_at = event["bytes_copied"].as_u64().unwrap_or(0);
+                if killed_at >= target {
+                    break;
+                }
+            }
+            Some("failed") => anyhow::bail!("the engine failed: {}", event["reason"]),
+            Some(other) => anyhow::bail!("the engine reported {other} before the kill"),
+            None => {}
+        }
+    }
+    child.kill().context("killing the engine")?;
+    let status = child.wait()?;
+    anyhow::ensure!(
+        !status.success(),
+        "the engine exited before it was killed: {status}"
+    );
+    let authority = livecopy::restart::authoritative_image(journal)?;
+    anyhow::ensure!(
+        authority.side == Side::Source,
+        "recovery named the destination during the copy"
+    );
+    let image = AnyImage::open(
+        &Location::Path(source.to_path_buf()),
+        false,
+        &NbdOptions::default(),
+    )?;
+    let checked = verify(log, &image, size)?;
+    Ok(FirstCrash {
+        killed_at,
+        phase: authority.phase.name(),
+        checked,
+    })
 }
 
 struct Checked {
@@ -327,32 +440,52 @@ pub fn engine(args: &DemoEngineArgs) -> anyhow::Result<Exit> {
         Some(uri) => Location::parse(uri)?,
         None => Location::Path(destination),
     };
+    // Slow enough for the parent to kill it part-way (about 2 s).
+    let bandwidth = match args.crash_during_copy {
+        true => Some((std::fs::metadata(&source)?.len() / 2).max(1 << 20)),
+        false => None,
+    };
     let config = Config {
         granularity: 64 << 10,
         chunk_size: 1 << 20,
         copy_workers: 2,
+        bandwidth,
         ..Config::default()
     };
-    let mut job = engine::files::start_at(
-        &journal,
-        &Location::Path(source),
-        &destination,
-        config,
-        &NbdOptions::default(),
-    )?;
+    let source = Location::Path(source);
+    let mut job = if args.resume {
+        engine::files::resume_at(
+            &journal,
+            config,
+            &NbdOptions::default(),
+            engine::files::ResumeCopy::Remaining,
+            Some((&source, &destination)),
+        )?
+    } else {
+        engine::files::start_at(
+            &journal,
+            &source,
+            &destination,
+            config,
+            &NbdOptions::default(),
+        )?
+    };
     let guest = job.guest();
     let blocks = guest.size() / BLOCK;
     let stop = Arc::new(AtomicBool::new(false));
     let (flushed_tx, flushed_rx) = mpsc::channel::<JobPhase>();
+    // A resumed run appends to the log of the run it resumes.
     let mut log = OpenOptions::new()
-        .create_new(true)
+        .create_new(!args.resume)
         .append(true)
         .open(&log_path)?;
-    let seed = args.seed;
+    let seed = args.seed ^ u64::from(args.resume);
+    let resume = args.resume;
     let guest_stop = Arc::clone(&stop);
     let writer = std::thread::spawn(move || -> anyhow::Result<()> {
         let mut rng = Rng(seed);
-        let mut id = 1u64;
+        // A resumed run's values never repeat the killed run's.
+        let mut id = if resume { 1 << 40 } else { 1u64 };
         while !guest_stop.load(Ordering::Acquire) {
             for _ in 0..16 {
                 let block = rng.next() % blocks;
@@ -381,9 +514,25 @@ pub fn engine(args: &DemoEngineArgs) -> anyhow::Result<Exit> {
 
     let mut stdout = std::io::stdout().lock();
     let started = Instant::now();
+    let status = job.status();
+    if status.resumed {
+        writeln!(
+            stdout,
+            "{}",
+            json!({"event": "resumed", "bytes_to_copy": status.to_copy, "size": status.size})
+        )?;
+    }
     job.start_workers();
     loop {
         let phase = job.wait_ready(Duration::from_millis(50));
+        if args.crash_during_copy {
+            let copied = job.status().bytes_copied;
+            writeln!(
+                stdout,
+                "{}",
+                json!({"event": "copying", "bytes_copied": copied})
+            )?;
+        }
         if phase == JobPhase::Ready {
             break;
         }
