@@ -210,6 +210,44 @@ fn demo_kills_the_engine_and_verifies_every_acknowledged_write() {
     assert_eq!(report["blocks_checked"], 16 * MIB / 4096);
 }
 
+/// `demo --crash-during-copy`: killed during the copy, the source holds
+/// every acknowledged write; the resumed copy copies only part of the
+/// image again, and after the switch and the second kill the destination
+/// holds every acknowledged write of both runs.
+#[test]
+fn demo_crash_during_copy_resumes_and_verifies_both_crashes() {
+    let run = run_copyctl(&[
+        "--output",
+        "json",
+        "demo",
+        "--crash-during-copy",
+        "--size",
+        "64M",
+        "--seed",
+        "9",
+    ]);
+    assert_eq!(run.code, 0, "stdout {}\nstderr {}", run.stdout, run.stderr);
+    let report: Value = serde_json::from_str(&run.stdout).expect("JSON report");
+    assert_eq!(report["verdict"], "verified");
+    let first = &report["crash_during_copy"];
+    assert_eq!(first["recovery"]["authoritative"], "source", "{first}");
+    assert_eq!(
+        first["wrong_blocks"].as_array().unwrap().len(),
+        0,
+        "{first}"
+    );
+    assert!(
+        first["writes_acknowledged"].as_u64().unwrap() > 0,
+        "{first}"
+    );
+    let killed_at = first["killed_at_bytes_copied"].as_u64().unwrap();
+    let resumed = first["resumed_bytes_to_copy"].as_u64().unwrap();
+    assert!(killed_at > 0 && resumed > 0, "{first}");
+    assert!(resumed < 64 * MIB, "the resume copied everything: {first}");
+    assert_eq!(report["recovery"]["authoritative"], "destination");
+    assert_eq!(report["wrong_blocks"].as_array().unwrap().len(), 0);
+}
+
 /// The demo into an NBD export (qemu-storage-daemon): recovery names the
 /// export by its URI and every acknowledged write is read back through it.
 #[test]
