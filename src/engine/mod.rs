@@ -131,6 +131,9 @@ pub struct Config {
     /// A checkpoint of the copy's progress at least this often while there
     /// is progress to record (and whenever the pass went 1% further).
     pub checkpoint_every: Duration,
+    /// Whether to record the copy's progress at all (checkpoints and write
+    /// intent). Without, a job resumed after a crash copies everything.
+    pub checkpoints: bool,
 }
 
 impl Default for Config {
@@ -147,6 +150,7 @@ impl Default for Config {
             busy_window: Duration::from_millis(20),
             extent_size: 16 << 20,
             checkpoint_every: Duration::from_secs(5),
+            checkpoints: true,
         }
     }
 }
@@ -619,7 +623,7 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
     /// yet). Marks every granule of the source that may hold data dirty and
     /// punches the destination where the source is a hole. Does not start
     /// copy workers; see [`Job::start_workers`] and [`Job::copy_step`].
-    pub fn new(journal: Journal<J>, source: S, destination: S, config: Config) -> Result<Self> {
+    pub fn new(mut journal: Journal<J>, source: S, destination: S, config: Config) -> Result<Self> {
         config.validate()?;
         if journal.record().phase != Phase::Copying || journal.is_poisoned() {
             return Err(Error::InvalidInput(
@@ -643,7 +647,16 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
         let progress =
             recorded.unwrap_or_else(|| journal::Progress::start(config.extent_size, size));
         let plan = progress.to_copy();
-        let enabled = journal.version() >= crate::journal::format::FORMAT_VERSION;
+        let enabled =
+            config.checkpoints && journal.version() >= crate::journal::format::FORMAT_VERSION;
+        // The newest record must say what this job keeps true: a job that
+        // tracks nothing (or found progress for another size) must not
+        // leave an earlier run's progress standing, or a crash now would
+        // resume from a list this job never kept up.
+        let keeps = (enabled && resumed).then(|| progress.clone());
+        if journal.record().progress() != keeps {
+            journal.commit_progress(Phase::Copying, 0, keeps.as_ref())?;
+        }
         let mut shared = Shared {
             source: Image::new(source, Role::Source),
             destination: Image::new(destination, Role::Destination),

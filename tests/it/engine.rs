@@ -2300,3 +2300,45 @@ fn a_write_during_a_checkpoint_stays_listed_in_its_record() {
         "the journal says what the job says"
     );
 }
+
+/// A job that does not keep progress (checkpoints off), taking over a
+/// journal whose record carries an earlier run's progress, plans from it
+/// but clears it at once: a crash of this job must not resume from a list
+/// it never kept up. A job that does keep progress keeps it.
+#[test]
+fn a_job_without_checkpoints_clears_an_earlier_runs_progress() {
+    let size = 8 * G;
+    for checkpoints in [false, true] {
+        let source = SimDisk::from_bytes(pattern(4, size as usize));
+        let destination = SimDisk::new(size);
+        let journal_disk = SimDisk::new(JOURNAL_LEN);
+        let mut journal =
+            Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
+        let earlier = journal::Progress::with_extents(2 * G, size, 4 * G, [1]);
+        journal
+            .commit_progress(Phase::Copying, 0, Some(&earlier))
+            .expect("commit");
+        let config = Config {
+            extent_size: 2 * G,
+            checkpoints,
+            ..sim_config()
+        };
+        let job = Job::new(journal, source, destination, config).expect("Job::new");
+        assert_eq!(
+            job.status().to_copy,
+            earlier.bytes_to_copy(),
+            "the plan follows the recorded progress"
+        );
+        let recorded = journal::analyse(&journal_disk)
+            .expect("journal")
+            .outcome
+            .expect("decided")
+            .record
+            .progress();
+        if checkpoints {
+            assert_eq!(recorded, Some(earlier), "kept");
+        } else {
+            assert_eq!(recorded, None, "cleared before any guest write");
+        }
+    }
+}

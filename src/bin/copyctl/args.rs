@@ -95,6 +95,14 @@ pub struct TuningArgs {
     /// Largest bulk-copy request while the guest is busy.
     #[arg(long = "busy-chunk", default_value = "128K", value_parser = crate::size::parse_size)]
     pub busy_chunk_size: u64,
+    /// Write-intent extent: where a guest write may have reached one image
+    /// only, a resume copies this much again.
+    #[arg(long = "extent", default_value = "16M", value_parser = crate::size::parse_size)]
+    pub extent_size: u64,
+    /// Do not record the copy's progress (no checkpoints, no write
+    /// intent): a resume after a crash then copies everything again.
+    #[arg(long)]
+    pub no_checkpoints: bool,
     /// Seconds to wait for an NBD export that dropped once it holds the
     /// guest's only copy (the destination after the switch, the source
     /// after an abort), reconnecting and re-sending unanswered requests;
