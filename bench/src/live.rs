@@ -219,7 +219,7 @@ fn qemu_live(ctx: &mut Ctx, mode: &str, with_writer: bool, seed: u64) -> Res<Liv
     Ok(run)
 }
 
-fn ours_live(ctx: &mut Ctx, with_writer: bool, seed: u64) -> Res<LiveRun> {
+pub(crate) fn ours_live(ctx: &mut Ctx, with_writer: bool, seed: u64) -> Res<LiveRun> {
     let src = ctx.full_image();
     let size = ctx.sizes.live;
     let dst = ctx.path("live-dst.raw");

@@ -7,7 +7,7 @@
 //! bench/run --quick    # smoke: small images, 1 repetition; writes target/bench-work/BENCHMARKS.quick.md
 //! ```
 //!
-//! Options: `--reps N`, `--only 1,3,5` (scenario numbers, 1-9), `--work DIR`,
+//! Options: `--reps N`, `--only 1,3,5` (scenario numbers, 1-10), `--work DIR`,
 //! `--out FILE`, `--copyctl PATH`, `--tuning '--workers 4'` (extra options
 //! for `copyctl copy` and `copyctl serve`). Timing never asserts anything: the
 //! harness reports figures and says which targets they meet.
@@ -19,6 +19,7 @@ mod live;
 mod qmp;
 mod remote;
 mod report;
+mod resume;
 mod serving;
 mod simple;
 mod tls;
@@ -237,7 +238,7 @@ fn real_main() -> Res<()> {
     let started = Instant::now();
     let wanted = |n: u32| args.only.as_ref().is_none_or(|s| s.contains(&n));
 
-    let needs_full = [1, 3, 4, 6, 7, 8, 9].iter().any(|&n| wanted(n));
+    let needs_full = [1, 3, 4, 6, 7, 8, 9, 10].iter().any(|&n| wanted(n));
     if needs_full {
         let t = Instant::now();
         util::write_full_image(&ctx.full_image(), ctx.sizes.full.max(ctx.sizes.live), 1)?;
@@ -248,7 +249,7 @@ fn real_main() -> Res<()> {
         );
     }
     type Scenario = fn(&mut Ctx) -> Res<()>;
-    let scenarios: [(u32, &str, Scenario); 9] = [
+    let scenarios: [(u32, &str, Scenario); 10] = [
         (5, "journal commit vs pwrite + fdatasync", journal::run),
         (1, "bulk copy", simple::bulk),
         (2, "sparse copy", simple::sparse),
@@ -262,6 +263,7 @@ fn real_main() -> Res<()> {
             remote::run,
         ),
         (9, "NBD over TLS", tls::run),
+        (10, "resume after a crash", resume::run),
     ];
     for (n, name, f) in scenarios {
         if !wanted(n) {
@@ -493,6 +495,34 @@ fn targets(r: &mut Report) {
             Some(worst <= 4.0),
         );
     }
+    // 10. Resume.
+    let ratios = r.pair_ratios("resume.again");
+    if !ratios.is_empty() {
+        let worst = ratios.iter().copied().fold(0.0, f64::max);
+        r.target(
+            "10. after a kill at X% of the pass, the resume copies at most (100 - X + 2)% of the image, in every repetition",
+            format!("ratios to the bound {} (needs <= 1 each)", every(&ratios)),
+            Some(worst <= 1.0),
+        );
+    }
+    let ratios = r.pair_ratios("resume.writer");
+    if !ratios.is_empty() {
+        let m = median(&ratios);
+        r.target(
+            "10. checkpoints and write intent cost the 64 KiB writer at most 5% of its throughput during the copy (median of pair ratios)",
+            format!("ratio {m:.3} (repetitions {})", every(&ratios)),
+            Some(m >= 0.95),
+        );
+    }
+    let ratios = r.pair_ratios("resume.pass");
+    if !ratios.is_empty() {
+        let m = median(&ratios);
+        r.target(
+            "10. checkpoints cost the pass at most 3% of its time (median of pair ratios)",
+            format!("ratio {m:.3} (repetitions {})", every(&ratios)),
+            Some(m <= 1.03),
+        );
+    }
     // 8. Remote.
     for (key, what) in [
         ("lan", "no added latency".to_string()),
@@ -603,7 +633,10 @@ fn targets(r: &mut Report) {
         }
     }
     for (key, what) in [
-        ("tls.live.ready", "time to Ready of a live copy into a remote export"),
+        (
+            "tls.live.ready",
+            "time to Ready of a live copy into a remote export",
+        ),
         ("tls.copy", "copyctl copy into a remote export"),
     ] {
         if let (Some(ours), Some(clear)) =

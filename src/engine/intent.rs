@@ -29,7 +29,13 @@
 //!                the cursor and unlisted -> commit it first (R1)
 //! ```
 //!
-//! Lock order: intent, then journal, then state.
+//! Commits run outside the intent lock: while one is in flight, a write
+//! goes on only if its extents are covered both by the newest record and by
+//! the one being written (either may be the newest after a crash); others
+//! wait for the commit. A write to an extent already listed never waits.
+//!
+//! Lock order: intent, then journal, then state (the intent lock is never
+//! held across a commit, only taken before the journal's where both are).
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -49,6 +55,8 @@ pub(crate) struct Intent {
     checkpointing: Mutex<()>,
     /// Wakes the checkpoint thread early (the job stops).
     pub wake: Condvar,
+    /// Signalled when a commit ends.
+    committed: Condvar,
 }
 
 #[derive(Debug)]
@@ -58,6 +66,11 @@ struct State {
     extent: u64,
     /// What the newest record says.
     durable: Progress,
+    /// The record being committed, if any: until it is durable, either
+    /// record may be the one a crash leaves.
+    incoming: Option<Progress>,
+    /// Extents writers wait to see listed: the next commit lists them all.
+    wanted: BTreeSet<u64>,
     /// Extents a resumed job still copies again: listed until copied.
     carried: BTreeSet<u64>,
     /// Extents with a mirrored write in flight, and how many.
@@ -81,14 +94,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Intent {
     /// `durable` is the newest record's progress (for a new job: nothing
-    /// copied); its listed extents are `carried` until copied again.
-    pub fn new(enabled: bool, durable: Progress) -> Intent {
+    /// copied); `carried` the extents a resumed job copies again (every
+    /// extent its plan touches below the cursor, granule-rounded), listed
+    /// until copied.
+    pub fn new(enabled: bool, durable: Progress, carried: BTreeSet<u64>) -> Intent {
         Intent {
             state: Mutex::new(State {
                 enabled,
                 extent: durable.extent_size,
-                carried: durable.extents().collect(),
+                carried,
                 durable,
+                incoming: None,
+                wanted: BTreeSet::new(),
                 in_flight: HashMap::new(),
                 touched: BTreeSet::new(),
                 previous: BTreeSet::new(),
@@ -97,6 +114,7 @@ impl Intent {
             }),
             checkpointing: Mutex::new(()),
             wake: Condvar::new(),
+            committed: Condvar::new(),
         }
     }
 
@@ -129,6 +147,19 @@ impl<S: Storage, J: Storage> Drop for Marked<'_, S, J> {
     }
 }
 
+/// Whether a write into extent `e` may go on under `progress`: the extent
+/// starts at or past the cursor (a resume copies it anyway) or is listed.
+fn covered(progress: &Progress, e: u64) -> bool {
+    e.saturating_mul(progress.extent_size) >= progress.cursor || progress.lists(e)
+}
+
+impl State {
+    /// Covered by the newest record and by the one being committed.
+    fn covers(&self, e: u64) -> bool {
+        covered(&self.durable, e) && self.incoming.as_ref().is_none_or(|n| covered(n, e))
+    }
+}
+
 /// Marks `range` as written by a mirrored guest write, before the write
 /// touches either image (R1). An error means the record could not be
 /// written: the write must not go on.
@@ -136,7 +167,8 @@ pub(crate) fn mark<'a, S: Storage, J: Storage>(
     shared: &'a Shared<S, J>,
     range: &Range<u64>,
 ) -> Result<Marked<'a, S, J>> {
-    let mut state = lock(&shared.intent.state);
+    let intent = &shared.intent;
+    let mut state = lock(&intent.state);
     if !state.enabled || range.is_empty() {
         return Ok(Marked {
             shared,
@@ -148,26 +180,55 @@ pub(crate) fn mark<'a, S: Storage, J: Storage>(
         *state.in_flight.entry(e).or_default() += 1;
         state.touched.insert(e);
     }
-    let extent = state.extent;
-    let needed: Vec<u64> = extents
-        .clone()
-        .filter(|&e| e * extent < state.durable.cursor && !state.durable.lists(e))
-        .collect();
-    let committed = if needed.is_empty() {
-        Ok(())
-    } else {
+    let outcome = loop {
+        let missing: Vec<u64> = extents.clone().filter(|&e| !state.covers(e)).collect();
+        if missing.is_empty() {
+            break Ok(());
+        }
+        state.wanted.extend(missing);
+        if state.incoming.is_some() {
+            state = intent
+                .committed
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
+        // This writer commits for every writer waiting.
+        let wanted = std::mem::take(&mut state.wanted);
         let next = Progress::with_extents(
-            extent,
+            state.extent,
             state.durable.size,
             state.durable.cursor,
-            state.durable.extents().chain(needed),
+            state.durable.extents().chain(wanted),
         );
-        commit(shared, &next).map(|recorded| state.durable = recorded)
+        let (committed, back) = commit_unlocked(shared, state, next);
+        state = back;
+        if let Err(e) = committed {
+            break Err(e);
+        }
     };
     drop(state);
     // Created after the lock is let go: its drop takes the lock.
     let marked = Marked { shared, extents };
-    committed.map(|()| marked)
+    outcome.map(|()| marked)
+}
+
+/// Commits `next` with the intent lock let go (`incoming` set meanwhile,
+/// see `State::covers`), and takes the lock back. The newest record's
+/// progress becomes what the journal recorded.
+fn commit_unlocked<'a, S: Storage, J: Storage>(
+    shared: &'a Shared<S, J>,
+    mut state: MutexGuard<'a, State>,
+    next: Progress,
+) -> (Result<()>, MutexGuard<'a, State>) {
+    state.incoming = Some(next.clone());
+    drop(state);
+    let committed = commit(shared, &next);
+    let mut state = lock(&shared.intent.state);
+    state.incoming = None;
+    let result = committed.map(|recorded| state.durable = recorded);
+    shared.intent.committed.notify_all();
+    (result, state)
 }
 
 /// Commits `progress` with the job's current phase and returns what the
@@ -238,6 +299,15 @@ pub(crate) fn checkpoint<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Resul
         return Err(e);
     }
     let mut state = lock(&shared.intent.state);
+    // A writer's commit in flight: its extents are touched, so they are
+    // in the list below, but its record must be the newest before ours.
+    while state.incoming.is_some() {
+        state = shared
+            .intent
+            .committed
+            .wait(state)
+            .unwrap_or_else(|p| p.into_inner());
+    }
     let listed: Vec<u64> = state
         .touched
         .iter()
@@ -247,16 +317,44 @@ pub(crate) fn checkpoint<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Resul
         .filter(|&e| e * extent < cursor)
         .collect();
     let next = Progress::with_extents(extent, shared.size, cursor, listed);
-    if next == state.durable {
-        state.last_copied = copied;
-        state.last_at = Instant::now();
-        return Ok(false);
-    }
-    state.durable = commit(shared, &next)?;
-    state.carried = kept;
     state.last_copied = copied;
     state.last_at = Instant::now();
+    if next == state.durable {
+        return Ok(false);
+    }
+    let (committed, mut state) = commit_unlocked(shared, state, next);
+    committed?;
+    state.carried = kept;
     Ok(true)
+}
+
+/// Before the switch holds the guest: no checkpoint until the switch ends
+/// (the guard), and a record that lists nothing and has its cursor at 0
+/// (a resume would copy everything), so that no guest write needs a
+/// commit while the switch waits for requests in flight, and no
+/// checkpoint commit delays the Switched one. If the switch fails, the
+/// next checkpoint records the real progress again.
+pub(crate) fn quiesce<'a, S: Storage, J: Storage>(
+    shared: &'a Shared<S, J>,
+) -> Result<MutexGuard<'a, ()>> {
+    let no_checkpoints = lock(&shared.intent.checkpointing);
+    let mut state = lock(&shared.intent.state);
+    if !state.enabled {
+        return Ok(no_checkpoints);
+    }
+    while state.incoming.is_some() {
+        state = shared
+            .intent
+            .committed
+            .wait(state)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+    let everything = Progress::start(state.extent, shared.size);
+    if state.durable != everything {
+        let (committed, _state) = commit_unlocked(shared, state, everything);
+        committed?;
+    }
+    Ok(no_checkpoints)
 }
 
 /// How far the pass goes between checkpoints: 1% of the image, at least

@@ -647,6 +647,20 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
         let progress =
             recorded.unwrap_or_else(|| journal::Progress::start(config.extent_size, size));
         let plan = progress.to_copy();
+        // Every extent the plan touches below the cursor, granule-rounded:
+        // a granule may span extents the record does not list (a resume
+        // with a larger granularity), and a write into one while its
+        // granule is still dirty reaches the source only.
+        let carried: std::collections::BTreeSet<u64> = plan
+            .iter()
+            .filter(|r| r.start < progress.cursor)
+            .flat_map(|r| {
+                let g = config.granularity;
+                let start = r.start / g * g;
+                let end = r.end.min(progress.cursor).div_ceil(g) * g;
+                start / progress.extent_size..end.div_ceil(progress.extent_size)
+            })
+            .collect();
         let enabled =
             config.checkpoints && journal.version() >= crate::journal::format::FORMAT_VERSION;
         // The newest record must say what this job keeps true: a job that
@@ -682,7 +696,7 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             write_through: AtomicBool::new(false),
             source_has_holes: AtomicBool::new(true),
             write_back: write_back::WriteBack::default(),
-            intent: intent::Intent::new(enabled, progress),
+            intent: intent::Intent::new(enabled, progress, carried),
             to_copy: 0,
             resumed,
         };
@@ -824,6 +838,9 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
                 break;
             }
         }
+        // From here to the end of the switch, no guest write waits for a
+        // listing commit and no checkpoint commit delays the Switched one.
+        let _no_checkpoints = intent::quiesce(shared)?;
         let _write_through = WriteThrough::start(&shared.write_through);
         self.sync_both()?;
         let mut state = shared.state();

@@ -23,6 +23,7 @@ mod remote_serve;
 mod resolve;
 mod restart;
 mod resume;
+mod resume_races;
 mod serve;
 mod sim;
 mod support;

@@ -22,7 +22,8 @@ pub fn config(args: &crate::args::TuningArgs) -> Config {
         bandwidth: args.bandwidth,
         busy_workers: args.busy_workers,
         busy_chunk_size: args.busy_chunk_size,
-        extent_size: args.extent_size,
+        // An extent is never smaller than a granule.
+        extent_size: args.extent_size.max(args.granularity),
         checkpoints: !args.no_checkpoints,
         ..Config::default()
     }
