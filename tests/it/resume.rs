@@ -292,6 +292,30 @@ fn resume_refusals_name_the_cause_and_change_nothing() {
         "aborted",
     );
 
+    // `serve --resume` with no journal at the path: no new copy, nothing
+    // created.
+    let (missing, dst4) = (path("missing.journal"), path("dst4.img"));
+    let (nbd4, ctl4) = (path("nbd4.sock"), path("ctl4.sock"));
+    let serve = run_copyctl(&[
+        "serve",
+        "--resume",
+        "--journal",
+        &missing,
+        "--source",
+        &s3,
+        "--dest",
+        &dst4,
+        "--socket",
+        &nbd4,
+        "--control",
+        &ctl4,
+    ]);
+    assert_eq!(serve.code, 5, "{}", serve.stderr);
+    assert!(serve.stderr.contains("no journal at"), "{}", serve.stderr);
+    for left in [&missing, &dst4, &nbd4, &ctl4] {
+        assert!(!Path::new(left).exists(), "{left} was created");
+    }
+
     // Usage: --restart-copy needs --resume.
     let usage = run_copyctl(&["copy", "--restart-copy", "--journal", &j3, &s3, &d3]);
     assert_eq!(usage.code, 2, "{}", usage.stderr);

@@ -255,7 +255,7 @@ pub struct ServeArgs {
     pub destination: PathBuf,
     /// Start a new job over an existing destination that already holds
     /// data (see `copy --overwrite-destination`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub overwrite_destination: bool,
     /// The NBD Unix socket to create (mode 0600).
     #[arg(long)]

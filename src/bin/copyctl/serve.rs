@@ -165,6 +165,15 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
             Ok(plan) => plan,
             Err(exit) => return Ok(exit),
         }
+    } else if args.resume {
+        // A mistyped journal path must not start a whole new copy.
+        anyhow::bail!(livecopy::Error::io(
+            "resume",
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no journal at {} to resume", args.journal.display()),
+            )
+        ));
     } else {
         new_job(args)?
     };
