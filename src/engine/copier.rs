@@ -191,7 +191,12 @@ pub(super) fn step<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<Step
     for granule in granules {
         shared.dirty.clear(granule);
     }
-    shared.copied.fetch_add(end - start, Ordering::AcqRel);
+    let before = shared.copied.fetch_add(end - start, Ordering::AcqRel);
+    let step = super::intent::step(shared.size);
+    if before / step != (before + end - start) / step {
+        // A checkpoint is due: the thread need not wait for its next look.
+        shared.intent.wake.notify_one();
+    }
     drop(held);
     if shared.dirty.count() == 0 {
         // Whoever clears the last bit makes the job Ready: the other

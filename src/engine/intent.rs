@@ -359,7 +359,7 @@ pub(crate) fn quiesce<'a, S: Storage, J: Storage>(
 
 /// How far the pass goes between checkpoints: 1% of the image, at least
 /// 1 MiB (a resume then copies at most about 1% more than was left).
-fn step(size: u64) -> u64 {
+pub(super) fn step(size: u64) -> u64 {
     (size / 100).max(1 << 20)
 }
 
