@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::journal::{self, ImageRef, Phase, Recovered, Side};
-use crate::storage::JournalAccess;
+use crate::storage::{JournalAccess, Location};
 
 /// Recovery's answer for an embedding program.
 #[derive(Debug, Clone)]
@@ -23,6 +23,68 @@ pub struct Authority {
     pub warnings: Vec<String>,
 }
 
+/// The images a caller expects a journal's job to be about. Management
+/// software that knows its images should always say so: a journal swapped
+/// in from another job (a copied file, a mistyped path) is then refused as
+/// `wrong-journal` instead of naming that job's image.
+#[derive(Debug, Clone, Default)]
+pub struct Expected {
+    /// The source, if the caller knows it.
+    pub source: Option<Location>,
+    /// The destination, if the caller knows it.
+    pub destination: Option<Location>,
+}
+
+impl Expected {
+    /// Refuses (`wrong-journal`) when a given image is not the one the
+    /// record names: a file by its path or its device and inode (so a
+    /// relative path or a link to it matches), an export by its URI.
+    pub fn check(&self, record: &journal::Record) -> Result<()> {
+        for (side, given) in [
+            (Side::Source, &self.source),
+            (Side::Destination, &self.destination),
+        ] {
+            let Some(given) = given else { continue };
+            let recorded = record.image(side);
+            if !names(recorded, given)? {
+                return Err(Error::Refused(journal::Refusal {
+                    reason: journal::RefusalReason::WrongJournal,
+                    detail: format!(
+                        "the journal's job has {} as its {}, not {given}",
+                        recorded.name(),
+                        side.name()
+                    ),
+                }));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn names(recorded: &ImageRef, given: &Location) -> Result<bool> {
+    Ok(match (recorded, given) {
+        (ImageRef::File(file), Location::Path(path)) => {
+            Path::new(&file.path) == path.as_path()
+                || crate::storage::file_id(path)? == Some((file.device, file.inode))
+        }
+        (ImageRef::Export(export), given @ Location::Nbd(_)) => given.to_string() == export.uri,
+        _ => false,
+    })
+}
+
+/// [`authoritative_image`], refusing (`wrong-journal`, before anything is
+/// written) a journal whose job is not over the `expected` images.
+pub fn authoritative_image_of(path: &Path, expected: &Expected) -> Result<Authority> {
+    let opened = journal::open_file(path, JournalAccess::Exclusive)?;
+    let recovered = opened.analysis.outcome.map_err(Error::Refused)?;
+    expected.check(&recovered.record)?;
+    let recovered = journal::repair(&opened.storage, &recovered, |image| {
+        crate::storage::write_backup_copy(path, image).map(drop)
+    })?
+    .recovered;
+    Ok(authority(recovered))
+}
+
 /// Opens the journal at `path` as recovery must (no symlinks, exclusive
 /// lock, sync before reading the medium), and names the authoritative
 /// image. Damaged copies are repaired after a backup beside the journal; if
@@ -31,13 +93,7 @@ pub struct Authority {
 /// gives the verdict. Refusals come back as [`Error::Refused`]: start
 /// nothing then, and ask an operator.
 pub fn authoritative_image(path: &Path) -> Result<Authority> {
-    let opened = journal::open_file(path, JournalAccess::Exclusive)?;
-    let recovered = opened.analysis.outcome.map_err(Error::Refused)?;
-    let recovered = journal::repair(&opened.storage, &recovered, |image| {
-        crate::storage::write_backup_copy(path, image).map(drop)
-    })?
-    .recovered;
-    Ok(authority(recovered))
+    authoritative_image_of(path, &Expected::default())
 }
 
 /// The same verdict as [`authoritative_image`], read without writing

@@ -176,7 +176,11 @@ pub fn resume_at(
     .recovered;
     let record = &recovered.record;
     if let Some((source, destination)) = expected {
-        check_images(record, source, destination)?;
+        crate::restart::Expected {
+            source: Some(source.clone()),
+            destination: Some(destination.clone()),
+        }
+        .check(record)?;
     }
     if !matches!(record.phase, Phase::Copying | Phase::Ready) {
         return Err(Error::InvalidInput(format!(
@@ -193,46 +197,6 @@ pub fn resume_at(
     let mut journal = journal::Journal::resume(opened.storage, &recovered)?;
     journal.commit_progress(Phase::Copying, 0, progress.as_ref())?;
     Job::new(journal, source, destination, config)
-}
-
-/// Refuses (`wrong-journal`) when the journal's job is not over the images
-/// the caller names: a file by its path or its device and inode, an export
-/// by its URI.
-pub fn check_images(record: &Record, source: &Location, destination: &Location) -> Result<()> {
-    for (side, given) in [("source", source), ("destination", destination)] {
-        let recorded = match side {
-            "source" => record.source(),
-            _ => record.destination(),
-        };
-        if !names_image(recorded, given) {
-            return Err(Error::Refused(journal::Refusal {
-                reason: journal::RefusalReason::WrongJournal,
-                detail: format!(
-                    "the journal's job has {} as its {side}, not {}",
-                    recorded.name(),
-                    given
-                ),
-            }));
-        }
-    }
-    Ok(())
-}
-
-fn names_image(recorded: &ImageRef, given: &Location) -> bool {
-    match (recorded, given) {
-        (ImageRef::File(file), Location::Path(path)) => {
-            if Path::new(&file.path) == path.as_path() {
-                return true;
-            }
-            // Another name for the same file (a relative path, a link).
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(path)
-                .map(|m| (m.dev(), m.ino()) == (file.device, file.inode))
-                .unwrap_or(false)
-        }
-        (ImageRef::Export(export), given @ Location::Nbd(_)) => given.to_string() == export.uri,
-        _ => false,
-    }
 }
 
 /// Opens the image a record names, refusing if it is not the image the job

@@ -281,6 +281,17 @@ impl FileStorage {
     }
 }
 
+/// The (device, inode) a path names, following symlinks, without opening
+/// it (a FIFO would block an open); `None` if nothing is there.
+pub fn file_id(path: &Path) -> Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(Some((m.dev(), m.ino()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io_at("stat", path, e)),
+    }
+}
+
 /// Reads `stat` facts about the file at `path` without opening it for I/O.
 /// `None` when the path does not exist.
 pub fn stat_identity(path: &Path) -> Result<Option<ImageIdentity>> {

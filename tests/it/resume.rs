@@ -320,3 +320,87 @@ fn resume_refusals_name_the_cause_and_change_nothing() {
     let usage = run_copyctl(&["copy", "--restart-copy", "--journal", &j3, &s3, &d3]);
     assert_eq!(usage.code, 2, "{}", usage.stderr);
 }
+
+/// `recover --source/--dest` (and `restart::authoritative_image_of`)
+/// refuse a journal swapped in from another job, each image checked on its
+/// own, before anything is written; the right images (also by a relative
+/// path) give the verdict. `serve` on a finished job checks the same.
+#[test]
+fn recover_and_serve_refuse_another_jobs_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (sa, da, ja) = (path("a.img"), path("a-copy.img"), path("a.journal"));
+    let (sb, db, jb) = (path("b.img"), path("b-copy.img"), path("b.journal"));
+    for (s, d, j) in [(&sa, &da, &ja), (&sb, &db, &jb)] {
+        source_image(Path::new(s), 4 * MIB);
+        let run = run_copyctl(&["copy", "--journal", j, s, d]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    let recover = |extra: &[&str]| {
+        let mut args = vec!["--output", "json", "recover", &ja];
+        args.extend_from_slice(extra);
+        run_copyctl(&args)
+    };
+    let ok = recover(&["--source", &sa, "--dest", &da]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    // Another name for the same file (a symlink) matches too.
+    let link = path("a-link.img");
+    std::os::unix::fs::symlink(&sa, &link).unwrap();
+    let ok = recover(&["--source", &link]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+
+    // Job B's journal copied over job A's.
+    let before = fs::read(&jb).unwrap();
+    fs::copy(&jb, &ja).unwrap();
+    let plain = recover(&[]);
+    assert_eq!(
+        plain.code, 0,
+        "without expectations recover names B's image"
+    );
+    for extra in [
+        vec!["--source", sa.as_str(), "--dest", da.as_str()],
+        vec!["--source", sa.as_str()],
+        vec!["--dest", da.as_str()],
+    ] {
+        let refused = recover(&extra);
+        assert_eq!(refused.code, 4, "{extra:?}: {}", refused.stdout);
+        let verdict: Value = serde_json::from_str(&refused.stdout).unwrap();
+        assert_eq!(verdict["refusal"]["reason"], "wrong-journal", "{verdict}");
+    }
+    assert_eq!(fs::read(&ja).unwrap(), before, "nothing written");
+
+    // The library's restart path.
+    let expected = livecopy::restart::Expected {
+        source: Some(livecopy::storage::Location::Path(sa.clone().into())),
+        destination: None,
+    };
+    let refused = {
+        let _guard = crate::support::exclusive();
+        livecopy::restart::authoritative_image_of(Path::new(&ja), &expected)
+    };
+    match refused {
+        Err(livecopy::Error::Refused(r)) => {
+            assert_eq!(r.reason, livecopy::journal::RefusalReason::WrongJournal)
+        }
+        other => panic!("expected wrong-journal, got {other:?}"),
+    }
+
+    // serve on the finished job with images that are not its own.
+    let (nbd, ctl) = (path("nbd.sock"), path("ctl.sock"));
+    let serve = run_copyctl(&[
+        "serve",
+        "--journal",
+        &ja,
+        "--source",
+        &sa,
+        "--dest",
+        &da,
+        "--socket",
+        &nbd,
+        "--control",
+        &ctl,
+    ]);
+    assert_eq!(serve.code, 4, "{}", serve.stderr);
+    assert!(serve.stderr.contains("wrong-journal"), "{}", serve.stderr);
+    assert!(!Path::new(&nbd).exists() && !Path::new(&ctl).exists());
+}

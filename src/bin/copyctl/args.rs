@@ -201,6 +201,14 @@ pub struct DemoEngineArgs {
 pub struct RecoverArgs {
     /// The journal file.
     pub journal: PathBuf,
+    /// The source image you expect the journal's job to be about (a path
+    /// or an NBD URI): another job's journal is refused (wrong-journal,
+    /// exit 4). Management software should always pass both.
+    #[arg(long)]
+    pub source: Option<PathBuf>,
+    /// The destination image you expect (see --source).
+    #[arg(long = "dest", alias = "destination")]
+    pub destination: Option<PathBuf>,
     /// Report what would be repaired, but write nothing.
     #[arg(long)]
     pub no_repair: bool,

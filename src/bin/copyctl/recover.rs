@@ -36,6 +36,30 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
         }
         Ok(recovered) => recovered,
     };
+    // Before any repair: another job's journal is not ours to write.
+    let expected = livecopy::restart::Expected {
+        source: args
+            .source
+            .as_deref()
+            .map(crate::copy::location)
+            .transpose()?,
+        destination: args
+            .destination
+            .as_deref()
+            .map(crate::copy::location)
+            .transpose()?,
+    };
+    if let Err(livecopy::Error::Refused(refusal)) = expected.check(&recovered.record) {
+        let json = json!({
+            "journal": args.journal,
+            "verdict": "refused",
+            "refusal": output::refusal_json(&refusal),
+            "decision": "expected-images",
+        });
+        let human = format!("refused: {}\n  {}\n", refusal.reason.name(), refusal.detail);
+        emit(out, json, &human)?;
+        return Ok(Exit::of_refusal(refusal.reason));
+    }
 
     let mut backup: Option<PathBuf> = None;
     let repaired = if args.no_repair {

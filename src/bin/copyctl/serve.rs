@@ -28,6 +28,8 @@ struct Plan {
     controller: Arc<dyn Controller>,
     phase: String,
     authoritative: Side,
+    /// The authoritative image's path or URI, for the serving line.
+    image: String,
     /// Keeps the job (and its workers) alive while serving.
     _job: Option<Arc<files::FileJob>>,
 }
@@ -41,10 +43,10 @@ fn new_job(args: &ServeArgs) -> anyhow::Result<Plan> {
     let options = crate::copy::nbd_options(&args.tuning);
     crate::copy::ensure_destination(&source, &destination, &options, args.overwrite_destination)?;
     let job = files::start_at(&args.journal, &source, &destination, config, &options)?;
-    running(job)
+    running(job, source.to_string())
 }
 
-fn running(mut job: files::FileJob) -> anyhow::Result<Plan> {
+fn running(mut job: files::FileJob, source: String) -> anyhow::Result<Plan> {
     job.start_workers();
     let job = Arc::new(job);
     Ok(Plan {
@@ -52,6 +54,7 @@ fn running(mut job: files::FileJob) -> anyhow::Result<Plan> {
         controller: Arc::new(JobController::new(Arc::clone(&job))),
         phase: job.status().phase.name().into(),
         authoritative: Side::Source,
+        image: source,
         _job: Some(job),
     })
 }
@@ -65,6 +68,16 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
             return Ok(Err(Exit::of_refusal(refusal.reason)));
         }
     };
+    // --source and --dest must name the journal's images, whatever its
+    // phase (checked before any repair: another job's journal is not ours
+    // to write). A finished job used to be served whatever they said.
+    let expected = livecopy::restart::Expected {
+        source: Some(crate::copy::location(&args.source)?),
+        destination: Some(crate::copy::location(&args.destination)?),
+    };
+    if let Err(e) = expected.check(&recovered.record) {
+        anyhow::bail!(e);
+    }
     // Go on with the verdict on the repaired journal: the one repaired from
     // still lists the repairs just done, and `Journal::resume` refuses those.
     let recovered = journal::repair(&opened.storage, &recovered, |image| {
@@ -73,6 +86,7 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
     .recovered;
     let record = &recovered.record;
     if matches!(record.phase, Phase::Copying | Phase::Ready) {
+        let source = record.source().name().to_string();
         if !args.resume {
             anyhow::bail!(livecopy::Error::InvalidInput(format!(
                 "{} holds an unfinished job ({}, the source is authoritative); \
@@ -88,17 +102,18 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
         } else {
             files::ResumeCopy::Remaining
         };
-        let (source, destination) = (
+        let (source_location, destination) = (
             crate::copy::location(&args.source)?,
             crate::copy::location(&args.destination)?,
         );
-        return Ok(Ok(running(files::resume_at(
+        let job = files::resume_at(
             &args.journal,
             crate::copy::config(&args.tuning),
             &crate::copy::nbd_options(&args.tuning),
             copy,
-            Some((&source, &destination)),
-        )?)?));
+            Some((&source_location, &destination)),
+        )?;
+        return Ok(Ok(running(job, source)?));
     }
     let image = record.image(record.authoritative);
     let storage = files::open_recorded(image, &crate::copy::nbd_options(&args.tuning))?;
@@ -114,6 +129,7 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
         controller: Arc::new(JournalController::new(journal)),
         phase,
         authoritative,
+        image: image.name().to_string(),
         _job: None,
     }))
 }
@@ -199,6 +215,7 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
         "export": args.export,
         "phase": plan.phase,
         "authoritative": plan.authoritative.name(),
+        "image": plan.image,
         "pid": std::process::id(),
     });
     let tcp_human = match tcp.as_ref().and_then(|t| t.local_addr()) {
@@ -207,7 +224,7 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
         None => String::new(),
     };
     let human = format!(
-        "serving {} export {:?} on {}{tcp_human} ({}; {} authoritative); control on {}\n",
+        "serving {} export {:?} on {}{tcp_human} ({}; {} {} authoritative); control on {}\n",
         if plan._job.is_some() {
             "the live copy as"
         } else {
@@ -217,6 +234,7 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
         args.socket.display(),
         plan.phase,
         plan.authoritative.name(),
+        plan.image,
         args.control.display()
     );
     emit_line(out, json, &human)?;
