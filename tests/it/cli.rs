@@ -1065,3 +1065,99 @@ fn unknown_subcommand_is_a_usage_error() {
     assert_stdout_empty(&run);
     assert_stderr_contains(&run, "frobnicate");
 }
+
+/// The commands `copyctl --help` lists.
+fn listed_commands() -> Vec<String> {
+    let help = crate::support::run_copyctl(&["--help"]);
+    assert_eq!(help.code, 0);
+    help.stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.is_empty() && !l.starts_with("Options:"))
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .filter(|c| c != "help")
+        .collect()
+}
+
+/// The long options `copyctl COMMAND --help` lists.
+fn long_options(command: &str) -> Vec<String> {
+    let help = crate::support::run_copyctl(&[command, "--help"]);
+    assert_eq!(help.code, 0, "{command}: {}", help.stderr);
+    let mut options: Vec<String> = help
+        .stdout
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(String::from)
+        .collect();
+    options.sort();
+    options.dedup();
+    options
+}
+
+/// Completions for every shell and a man page per command, generated from
+/// the parser's definitions: every command and every long option of each
+/// appears (so they cannot drift from the CLI); `man` refuses a directory
+/// that is not one.
+#[test]
+fn completions_and_man_pages_cover_every_command_and_option() {
+    let commands = listed_commands();
+    assert!(commands.len() >= 12, "{commands:?}");
+    for shell in ["bash", "zsh", "fish"] {
+        let script = crate::support::run_copyctl(&["completions", shell]);
+        assert_eq!(script.code, 0, "{shell}: {}", script.stderr);
+        for command in &commands {
+            assert!(
+                script.stdout.contains(command.as_str()),
+                "{shell} lacks {command}"
+            );
+            for option in long_options(command) {
+                let bare = option.trim_start_matches('-');
+                assert!(
+                    script.stdout.contains(bare),
+                    "{shell} completion lacks {command} {option}"
+                );
+            }
+        }
+    }
+    let dir = TempDir::new().unwrap();
+    let man = crate::support::run_copyctl(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert_eq!(man.code, 0, "{}", man.stderr);
+    let mut checked = 0;
+    for command in &commands {
+        let page = dir.path().join(format!("copyctl-{command}.1"));
+        let text = fs::read_to_string(&page)
+            .unwrap_or_else(|e| panic!("{}: {e}", page.display()))
+            .replace("\\-", "-");
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{command}: not roff"
+        );
+        for option in long_options(command) {
+            assert!(
+                text.contains(&option),
+                "man page of {command} lacks {option}"
+            );
+            checked += 1;
+        }
+    }
+    println!(
+        "completions and man pages: {} commands, {checked} options",
+        commands.len()
+    );
+    let top = crate::support::run_copyctl(&["man"]);
+    assert_eq!(top.code, 0);
+    assert!(
+        top.stdout.contains(".TH copyctl"),
+        "{}",
+        &top.stdout[..200.min(top.stdout.len())]
+    );
+    let missing = crate::support::run_copyctl(&["man", "--dir", "/nonexistent/man"]);
+    assert_eq!(missing.code, 9, "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("not a directory"),
+        "{}",
+        missing.stderr
+    );
+}

@@ -68,6 +68,16 @@ pub enum Command {
     Complete(ControlArgs),
     /// Abandon the copy before the switch; the source stays authoritative.
     Abort(ControlArgs),
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    ///
+    /// bash: `copyctl completions bash > /etc/bash_completion.d/copyctl`;
+    /// zsh: into a directory on $fpath as `_copyctl`; fish: into
+    /// ~/.config/fish/completions/copyctl.fish.
+    Completions(CompletionsArgs),
+    /// Write man pages: copyctl.1 and one per command (copyctl-copy.1, ...).
+    ///
+    /// Into --dir, or copyctl.1 alone to stdout.
+    Man(ManArgs),
     /// (internal) The engine process `demo` starts and kills.
     #[command(hide = true)]
     DemoEngine(DemoEngineArgs),
@@ -154,6 +164,31 @@ pub struct CopyArgs {
     pub restart_copy: bool,
     #[command(flatten)]
     pub tuning: TuningArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: Shell,
+}
+
+/// Shells `completions` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shell {
+    /// GNU bash.
+    Bash,
+    /// Z shell.
+    Zsh,
+    /// fish.
+    Fish,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write every page into this (existing) directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,7 @@ mod copy;
 mod demo;
 mod exit;
 mod inspect;
+mod man;
 mod output;
 mod recover;
 mod resolve;
@@ -30,6 +31,8 @@ fn main() -> ExitCode {
         args::Command::Copy(a) => copy::run(a, args.output),
         args::Command::Demo(a) => demo::run(a, args.output),
         args::Command::DemoEngine(a) => demo::engine(a),
+        args::Command::Completions(a) => man::completions(a),
+        args::Command::Man(a) => man::pages(a),
         args::Command::Serve(a) => serve::run(a, args.output),
         args::Command::Status(a) => control::run(args::ControlCommand::Status, a, args.output),
         args::Command::Switch(a) => control::run(args::ControlCommand::Switch, a, args.output),
