@@ -37,9 +37,14 @@ pub trait Controller: Send + Sync + 'static {
 pub fn event_json(event: &Event) -> Value {
     match event {
         Event::Ready => json!({"event": "ready"}),
-        Event::Switched { pause } => {
-            json!({"event": "switched", "pause_ms": pause.as_secs_f64() * 1e3})
-        }
+        Event::Switched {
+            pause,
+            longest_request,
+        } => json!({
+            "event": "switched",
+            "pause_ms": pause.as_secs_f64() * 1e3,
+            "longest_request_ms": longest_request.as_secs_f64() * 1e3,
+        }),
         Event::Completed => json!({"event": "completed"}),
         Event::Aborted { reason } => json!({"event": "aborted", "reason": reason}),
         Event::Failed { reason } => json!({"event": "failed", "reason": reason}),

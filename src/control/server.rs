@@ -101,9 +101,14 @@ fn connection(
     stop: &AtomicBool,
 ) -> std::io::Result<()> {
     let mut writer = stream.try_clone()?;
-    match crate::socket::peer_uid(&stream) {
+    let uid = crate::socket::peer_uid(&stream);
+    match uid {
         Ok(uid) if uid == crate::socket::own_uid() => {}
         _ => {
+            let who = uid
+                .as_ref()
+                .map_or_else(|_| "unknown".to_string(), u32::to_string);
+            tracing::warn!(uid = %who, "control client of another user refused");
             let reply = proto::error(
                 &None,
                 "permission-denied",
@@ -153,6 +158,10 @@ fn connection(
                 continue;
             }
         };
+        let who = uid
+            .as_ref()
+            .map_or_else(|_| "unknown".to_string(), u32::to_string);
+        tracing::info!(command = %request.command.name(), uid = %who, "control command");
         let result = match request.command {
             Command::Status => Ok(controller.status()),
             Command::Switch => controller.switch(),

@@ -241,6 +241,9 @@ pub enum Event {
     Switched {
         /// How long new guest requests were held.
         pause: Duration,
+        /// The longest guest request that ended while the switch ran: the
+        /// stall as the guest felt it.
+        longest_request: Duration,
     },
     /// The switch was acknowledged and recorded.
     Completed,
@@ -285,7 +288,7 @@ pub struct Status {
 }
 
 /// A guest request counted in flight; counts it out when dropped.
-pub(crate) struct InFlight<'a, S: Storage, J: Storage>(&'a Shared<S, J>);
+pub(crate) struct InFlight<'a, S: Storage, J: Storage>(&'a Shared<S, J>, u64);
 
 impl<S: Storage, J: Storage> Drop for InFlight<'_, S, J> {
     fn drop(&mut self) {
@@ -298,7 +301,54 @@ impl<S: Storage, J: Storage> Drop for InFlight<'_, S, J> {
                 "a guest request panicked while mirroring".into(),
             ));
         }
+        let switch_started = shared.switch_started.load(Ordering::Acquire);
+        if switch_started != 0 {
+            let ended = shared.now_ns();
+            if ended >= switch_started {
+                shared
+                    .switch_longest
+                    .fetch_max(ended.saturating_sub(self.1), Ordering::AcqRel);
+            }
+        }
         shared.leave();
+    }
+}
+
+/// Marks a switch as running (for the longest guest request it saw) until
+/// dropped, however the switch ends.
+struct SwitchWindow<'a>(&'a AtomicU64);
+
+impl Drop for SwitchWindow<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+/// Milliseconds to the microsecond, for log lines.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// One event-log line per engine event (the embedder installs a
+/// `tracing` subscriber to see them; copyctl does).
+fn log(event: &Event) {
+    match event {
+        Event::Ready => tracing::info!("ready: the images are equal; the switch may come"),
+        Event::Switched {
+            pause,
+            longest_request,
+        } => tracing::info!(
+            pause_ms = ms(*pause),
+            longest_request_ms = ms(*longest_request),
+            "switched: the destination is authoritative"
+        ),
+        Event::Completed => tracing::info!("completed: the source may be released"),
+        Event::Aborted { reason } => {
+            tracing::warn!(reason = %reason, "aborted: the source stays authoritative")
+        }
+        Event::Failed { reason } => {
+            tracing::error!(reason = %reason, "failed: every guest request now fails")
+        }
     }
 }
 
@@ -395,6 +445,10 @@ pub(crate) struct Shared<S: Storage, J: Storage> {
     pub write_back: write_back::WriteBack,
     /// Durable progress and write intent (resume after a crash).
     pub intent: intent::Intent,
+    /// When the running switch started (`now_ns`), 0 when none runs; and
+    /// the longest guest request that ended since.
+    switch_started: AtomicU64,
+    switch_longest: AtomicU64,
     /// Bytes the pass had to copy when the job started.
     pub to_copy: u64,
     /// Whether the job resumed from a recorded progress.
@@ -453,7 +507,13 @@ impl<S: Storage, J: Storage> Shared<S, J> {
     }
 
     fn emit(&self, event: Event) {
+        log(&event);
         lock(&self.subscribers).retain(|s| s.send(event.clone()).is_ok());
+    }
+
+    /// Nanoseconds since the job started (never 0 once it runs).
+    fn now_ns(&self) -> u64 {
+        (self.started.elapsed().as_nanos() as u64).max(1)
     }
 
     /// Sends a phase's event before the state lock that made the phase
@@ -481,7 +541,7 @@ impl<S: Storage, J: Storage> Shared<S, J> {
         state.guest_in_flight += 1;
         let now = self.started.elapsed().as_nanos() as u64;
         self.last_guest_request.store(now, Ordering::Release);
-        Ok((state.phase, InFlight(self)))
+        Ok((state.phase, InFlight(self, now)))
     }
 
     fn leave(&self) {
@@ -697,6 +757,8 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             source_has_holes: AtomicBool::new(true),
             write_back: write_back::WriteBack::default(),
             intent: intent::Intent::new(enabled, progress, carried),
+            switch_started: AtomicU64::new(0),
+            switch_longest: AtomicU64::new(0),
             to_copy: 0,
             resumed,
         };
@@ -829,6 +891,12 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
                 shared.phase().name()
             )));
         }
+        tracing::info!("switch started");
+        shared.switch_longest.store(0, Ordering::Release);
+        shared
+            .switch_started
+            .store(shared.now_ns(), Ordering::Release);
+        let _window = SwitchWindow(&shared.switch_started);
         // A failure fails the job as a failed sync of that image would.
         write_back::drain(shared)?;
         for _ in 0..SETTLE_ROUNDS {
@@ -931,7 +999,14 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
             let mut state = shared.state();
             state.switch_pause = Some(pause);
         }
-        hold.release(Some((JobPhase::Switched, Event::Switched { pause })));
+        let longest_request = Duration::from_nanos(shared.switch_longest.load(Ordering::Acquire));
+        hold.release(Some((
+            JobPhase::Switched,
+            Event::Switched {
+                pause,
+                longest_request,
+            },
+        )));
         drop(journal);
         Ok(SwitchReport { pause, seq })
     }

@@ -411,10 +411,13 @@ impl Shared {
         let shared = Arc::clone(self);
         let negotiated = Arc::new(AtomicBool::new(false));
         let done = Arc::clone(&negotiated);
+        let peer = stream.peer();
         let spawned = thread::Builder::new()
             .name("nbd-conn".into())
             .spawn(move || {
+                tracing::info!(peer = %peer, "NBD client connected");
                 let end = serve_connection(&shared, stream, &done);
+                tracing::info!(peer = %peer, end = %format!("{end:?}").to_lowercase(), "NBD client disconnected");
                 if end == End::Dropped {
                     shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 }

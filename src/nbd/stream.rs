@@ -19,6 +19,21 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// Who is at the other end, for the event log: a TCP peer's address,
+    /// a Unix peer's uid.
+    pub fn peer(&self) -> String {
+        match self {
+            Stream::Unix(s) => match crate::socket::peer_uid(s) {
+                Ok(uid) => format!("unix uid {uid}"),
+                Err(_) => "unix".into(),
+            },
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|_| "tcp".into(), |a| a.to_string()),
+            Stream::Tls(_) => "tls".into(),
+        }
+    }
+
     /// A second handle on the same socket.
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {

@@ -1320,7 +1320,9 @@ fn the_switch_reports_its_pause() {
     assert_eq!(
         s.events(),
         vec![Event::Switched {
-            pause: report.pause
+            pause: report.pause,
+            // No guest request ran during the switch.
+            longest_request: Duration::ZERO,
         }]
     );
     s.job.complete().expect("complete");

@@ -1857,3 +1857,105 @@ fn serve_killed_while_the_guest_writes_resumes_and_loses_nothing() {
         "regions that lost acknowledged writes or source data: {wrong:?}"
     );
 }
+
+/// The event log on stderr, in both formats: started, a client connected
+/// and disconnected (with its peer), each control command (with the uid),
+/// ready, switch started, switched (pause and longest request), completed,
+/// in order; an abort's reason in its line; never an ANSI escape into a
+/// file.
+#[test]
+fn serve_logs_every_event_in_order_in_both_formats() {
+    let size = 4 * MIB;
+    for format in ["human", "json"] {
+        let layout = Layout::new(size);
+        let mut serve = layout.serve("1", &["--log-format", format]);
+        let out = qemu_io(
+            &serve.url(),
+            &["-t", "writeback"],
+            &["write -P 0x61 0 64k", "flush"],
+        );
+        assert_io_ok(&out, 1, 0);
+        let ctl_path = path_str(&serve.ctl).to_string();
+        let cli = run(&["switch", "--wait", "60", "--control", &ctl_path]);
+        assert_eq!(cli.code, 0, "{}", cli.stderr);
+        let cli = run(&["complete", "--control", &ctl_path]);
+        assert_eq!(cli.code, 0, "{}", cli.stderr);
+        // The log is written as events happen; give the last line a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !serve.stderr().contains("completed") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        serve.kill();
+        let log = serve.stderr();
+        assert!(
+            !log.contains('\u{1b}'),
+            "{format}: ANSI escape in a file: {log}"
+        );
+        let lines: Vec<&str> = log.lines().collect();
+        // The first line holding any of the needles (human and JSON spell
+        // fields differently).
+        let at_any = |needles: &[&str]| {
+            lines
+                .iter()
+                .position(|l| needles.iter().any(|n| l.contains(n)))
+                .unwrap_or_else(|| panic!("{format}: no line with {needles:?} in:\n{log}"))
+        };
+        let at = |needle: &str| at_any(&[needle]);
+        let started = at("started");
+        let connected = at("NBD client connected");
+        let disconnected = at("NBD client disconnected");
+        let ready = at("ready: the images are equal");
+        let switch_command = at_any(&["command=switch", "\"command\":\"switch\""]);
+        let switch_started = at("switch started");
+        let switched = at("switched: the destination is authoritative");
+        let complete_command = at_any(&["command=complete", "\"command\":\"complete\""]);
+        let completed = at("completed: the source may be released");
+        assert!(
+            started < connected && connected < disconnected,
+            "{format}:\n{log}"
+        );
+        assert!(
+            started < ready && ready < switch_started,
+            "{format}:\n{log}"
+        );
+        assert!(
+            switch_command < switch_started
+                && switch_started < switched
+                && switched < complete_command
+                && complete_command < completed,
+            "{format}:\n{log}"
+        );
+        for needle in ["pause_ms", "longest_request_ms", "uid", "peer"] {
+            assert!(log.contains(needle), "{format}: no {needle} in:\n{log}");
+        }
+        if format == "json" {
+            for line in &lines {
+                let value: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+                assert!(
+                    value["level"].is_string() && value["message"].is_string(),
+                    "{line}"
+                );
+            }
+        }
+    }
+    // An abort: its reason is in its line.
+    let layout = Layout::new(size);
+    let mut serve = layout.serve("1", &["--bandwidth", "1M"]);
+    let cli = run(&["abort", "--control", path_str(&serve.ctl)]);
+    assert_eq!(cli.code, 0, "{}", cli.stderr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !serve.stderr().contains("aborted") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    serve.kill();
+    let log = serve.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("aborted"))
+        .unwrap_or_else(|| panic!("no aborted line in:\n{log}"));
+    assert!(
+        line.contains("reason") && line.contains("aborted on request"),
+        "{line}"
+    );
+}

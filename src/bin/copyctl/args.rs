@@ -11,8 +11,22 @@ pub struct Cli {
     /// Output format of results on stdout.
     #[arg(long, global = true, value_enum, default_value_t = Output::Human)]
     pub output: Output,
+    /// Format of the event log on stderr (`serve` logs at info by default,
+    /// other commands only warnings; COPYCTL_LOG sets the level, e.g.
+    /// `debug` or `livecopy=info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Event log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One line per event: time, level, message, fields.
+    Human,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Result format.

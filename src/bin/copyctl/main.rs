@@ -22,8 +22,37 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// The event log on stderr: `serve` at info unless COPYCTL_LOG says
+/// otherwise, the rest at warn. Colours only on a terminal.
+fn init_log(format: args::LogFormat, default: &str) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("COPYCTL_LOG") {
+        Ok(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            eprintln!("copyctl: COPYCTL_LOG={spec:?} is not a filter ({e}); logging at {default}");
+            EnvFilter::new(default)
+        }),
+        Err(_) => EnvFilter::new(default),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        args::LogFormat::Human => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        args::LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
 fn main() -> ExitCode {
     let args = args::Cli::parse();
+    let default_level = match args.command {
+        args::Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    init_log(args.log_format, default_level);
     let result = match &args.command {
         args::Command::Recover(a) => recover::run(a, args.output),
         args::Command::Inspect(a) => inspect::run(a, args.output),

@@ -193,6 +193,12 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
     } else {
         new_job(args)?
     };
+    tracing::info!(
+        journal = %args.journal.display(),
+        phase = %plan.phase,
+        authoritative = %plan.image,
+        "started"
+    );
     let unix = nbd::bind_unix(&args.socket, Arc::clone(&plan.device), &args.export)?.spawn();
     let tcp = match &args.tcp {
         Some(addr) => {
