@@ -53,6 +53,15 @@ pub fn event_json(event: &Event) -> Value {
 
 /// A job status as a JSON object (integer byte counts, QEMU-like names).
 pub fn status_json(status: &Status) -> Value {
+    let left = status.to_copy.saturating_sub(status.bytes_copied);
+    let percent = if status.to_copy == 0 || status.phase != crate::engine::JobPhase::Copying {
+        100.0
+    } else {
+        (1000.0 * status.bytes_copied.min(status.to_copy) as f64 / status.to_copy as f64).floor()
+            / 10.0
+    };
+    let eta = (status.phase == crate::engine::JobPhase::Copying && status.rate > 0.0)
+        .then(|| (left as f64 / status.rate).ceil());
     json!({
         "phase": status.phase.name(),
         "ready": status.ready,
@@ -65,6 +74,14 @@ pub fn status_json(status: &Status) -> Value {
         "reason": status.reason,
         "bytes_to_copy": status.to_copy,
         "resumed": status.resumed,
+        // The same figures with their units in their names, and what
+        // people ask next.
+        "bytes_copied": status.bytes_copied,
+        "dirty_bytes": status.dirty_bytes,
+        "size_bytes": status.size,
+        "rate_bytes_per_sec": status.rate as u64,
+        "percent": percent,
+        "eta_seconds": eta,
     })
 }
 

@@ -1959,3 +1959,119 @@ fn serve_logs_every_event_in_order_in_both_formats() {
         "{line}"
     );
 }
+
+/// `status` for people (phase with percent, copied of total in IEC units,
+/// rate in MiB/s, ETA, dirty bytes, requests in flight) and for programs
+/// (the same with units in the names); `status --watch` follows the job
+/// to its end, one JSON object per interval; the switch and complete
+/// replies read as sentences; options of other commands are refused.
+#[test]
+fn status_shows_progress_and_watch_follows_the_job() {
+    let size = 8 * MIB;
+    let layout = Layout::new(size);
+    let mut serve = layout.serve("1", &["--bandwidth", "4M"]);
+    let ctl = path_str(&serve.ctl).to_string();
+    let text = run(&["status", "--control", &ctl]);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    for needle in [
+        "phase:",
+        "copying (",
+        "%)",
+        "copied:",
+        " of 8.0 MiB",
+        "rate:",
+        "MiB/s",
+        "eta:",
+        "dirty:",
+        "in flight:",
+    ] {
+        assert!(
+            text.stdout.contains(needle),
+            "no {needle:?} in:\n{}",
+            text.stdout
+        );
+    }
+    let json = run(&["--output", "json", "status", "--control", &ctl]);
+    let status: Value = serde_json::from_str(&json.stdout).expect("status JSON");
+    let percent = status["percent"].as_f64().expect("percent");
+    assert!((0.0..=100.0).contains(&percent), "{status}");
+    for key in [
+        "bytes_copied",
+        "bytes_to_copy",
+        "dirty_bytes",
+        "rate_bytes_per_sec",
+        "size_bytes",
+    ] {
+        assert!(status[key].is_u64(), "{key}: {status}");
+    }
+    assert!(
+        status["eta_seconds"].is_f64() || status["eta_seconds"].is_null(),
+        "{status}"
+    );
+    // Old names stay.
+    for key in ["offset", "len", "dirty", "rate"] {
+        assert!(status[key].is_u64(), "{key}: {status}");
+    }
+
+    let watcher = {
+        let _guard = crate::support::spawning();
+        Command::new(COPYCTL)
+            .args([
+                "--output",
+                "json",
+                "status",
+                "--watch",
+                "--interval",
+                "0.2",
+                "--control",
+                &ctl,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("status --watch")
+    };
+    let switched = run(&["switch", "--wait", "60", "--control", &ctl]);
+    assert_eq!(switched.code, 0, "{}", switched.stderr);
+    assert!(
+        switched.stdout.starts_with("switched: guest paused ")
+            && switched.stdout.contains("journal seq"),
+        "{}",
+        switched.stdout
+    );
+    let completed = run(&["complete", "--control", &ctl]);
+    assert!(
+        completed.stdout.starts_with("completed (journal seq"),
+        "{}",
+        completed.stdout
+    );
+    let output = watcher.wait_with_output().expect("watch ends with the job");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let objects: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert!(objects.len() >= 2, "{objects:?}");
+    assert_eq!(objects.last().unwrap()["phase"], "completed");
+    let copying: Vec<f64> = objects
+        .iter()
+        .filter(|o| o["phase"] == "copying")
+        .map(|o| o["percent"].as_f64().unwrap())
+        .collect();
+    assert!(copying.windows(2).all(|w| w[0] <= w[1]), "{copying:?}");
+    serve.kill();
+
+    for args in [
+        vec!["status", "--interval", "1", "--control", &ctl],
+        vec!["status", "--wait", "5", "--control", &ctl],
+        vec!["complete", "--wait", "5", "--control", &ctl],
+        vec!["status", "--watch", "--interval", "0", "--control", &ctl],
+    ] {
+        let refused = run(&args);
+        assert_eq!(refused.code, 2, "{args:?}: {}", refused.stderr);
+    }
+}

@@ -75,9 +75,9 @@ pub enum Command {
     /// stops with recover's exit code. Runs until killed.
     Serve(ServeArgs),
     /// Show a serving engine's state.
-    Status(ControlArgs),
+    Status(StatusArgs),
     /// Hand the guest over to the destination (the copy must be ready).
-    Switch(ControlArgs),
+    Switch(SwitchArgs),
     /// Record that the switch is acknowledged; the source may be released.
     Complete(ControlArgs),
     /// Abandon the copy before the switch; the source stays authoritative.
@@ -356,7 +356,39 @@ pub struct ControlArgs {
     /// The control socket of `copyctl serve`.
     #[arg(long)]
     pub control: PathBuf,
-    /// For switch: wait up to this many seconds for the copy to be ready.
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The control socket of `copyctl serve`.
+    #[arg(long)]
+    pub control: PathBuf,
+    /// Keep showing the status (a line redrawn on a terminal, one line or
+    /// one JSON object per interval otherwise) until the job completes,
+    /// aborts or fails.
+    #[arg(long)]
+    pub watch: bool,
+    /// Seconds between two looks with --watch.
+    #[arg(long, default_value_t = 1.0, requires = "watch", value_parser = parse_interval)]
+    pub interval: f64,
+}
+
+fn parse_interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.05..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0.05 to 3600"
+        )),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SwitchArgs {
+    /// The control socket of `copyctl serve`.
+    #[arg(long)]
+    pub control: PathBuf,
+    /// Wait up to this many seconds for the copy to be ready (showing its
+    /// progress on a terminal).
     #[arg(long, default_value_t = 0)]
     pub wait: u64,
 }

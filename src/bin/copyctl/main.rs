@@ -63,10 +63,22 @@ fn main() -> ExitCode {
         args::Command::Completions(a) => man::completions(a),
         args::Command::Man(a) => man::pages(a),
         args::Command::Serve(a) => serve::run(a, args.output),
-        args::Command::Status(a) => control::run(args::ControlCommand::Status, a, args.output),
-        args::Command::Switch(a) => control::run(args::ControlCommand::Switch, a, args.output),
-        args::Command::Complete(a) => control::run(args::ControlCommand::Complete, a, args.output),
-        args::Command::Abort(a) => control::run(args::ControlCommand::Abort, a, args.output),
+        args::Command::Status(a) if a.watch => control::watch(a, args.output),
+        args::Command::Status(a) => {
+            control::run(args::ControlCommand::Status, &a.control, 0, args.output)
+        }
+        args::Command::Switch(a) => control::run(
+            args::ControlCommand::Switch,
+            &a.control,
+            a.wait,
+            args.output,
+        ),
+        args::Command::Complete(a) => {
+            control::run(args::ControlCommand::Complete, &a.control, 0, args.output)
+        }
+        args::Command::Abort(a) => {
+            control::run(args::ControlCommand::Abort, &a.control, 0, args.output)
+        }
     };
     match result {
         Ok(code) => code.into(),
