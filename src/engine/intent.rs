@@ -298,16 +298,9 @@ pub(crate) fn checkpoint<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Resul
         shared.fail_engine(format!("source: {}", e.describe()));
         return Err(e);
     }
-    let mut state = lock(&shared.intent.state);
     // A writer's commit in flight: its extents are touched, so they are
     // in the list below, but its record must be the newest before ours.
-    while state.incoming.is_some() {
-        state = shared
-            .intent
-            .committed
-            .wait(state)
-            .unwrap_or_else(|p| p.into_inner());
-    }
+    let mut state = no_commit_in_flight(shared, lock(&shared.intent.state));
     let listed: Vec<u64> = state
         .touched
         .iter()
@@ -328,6 +321,21 @@ pub(crate) fn checkpoint<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Resul
     Ok(true)
 }
 
+/// Waits (letting the lock go meanwhile) until no commit is in flight.
+fn no_commit_in_flight<'a, S: Storage, J: Storage>(
+    shared: &'a Shared<S, J>,
+    mut state: MutexGuard<'a, State>,
+) -> MutexGuard<'a, State> {
+    while state.incoming.is_some() {
+        state = shared
+            .intent
+            .committed
+            .wait(state)
+            .unwrap_or_else(|p| p.into_inner());
+    }
+    state
+}
+
 /// Before the switch holds the guest: no checkpoint until the switch ends
 /// (the guard), and a record that lists nothing and has its cursor at 0
 /// (a resume would copy everything), so that no guest write needs a
@@ -338,17 +346,11 @@ pub(crate) fn quiesce<'a, S: Storage, J: Storage>(
     shared: &'a Shared<S, J>,
 ) -> Result<MutexGuard<'a, ()>> {
     let no_checkpoints = lock(&shared.intent.checkpointing);
-    let mut state = lock(&shared.intent.state);
+    let state = lock(&shared.intent.state);
     if !state.enabled {
         return Ok(no_checkpoints);
     }
-    while state.incoming.is_some() {
-        state = shared
-            .intent
-            .committed
-            .wait(state)
-            .unwrap_or_else(|p| p.into_inner());
-    }
+    let state = no_commit_in_flight(shared, state);
     let everything = Progress::start(state.extent, shared.size);
     if state.durable != everything {
         let (committed, _state) = commit_unlocked(shared, state, everything);

@@ -292,10 +292,9 @@ impl Storage for SlowJournal {
     }
 }
 
-/// A guest write to an extent already listed never waits for the journal
-/// commit that lists another extent (with 30 ms syncs, a commit takes 60).
-#[test]
-fn a_listed_write_never_waits_for_another_extents_commit() {
+/// A job with `extent_size` extents whose pass is done and checkpointed,
+/// over a journal whose syncs take 30 ms once the flag is set.
+fn copied_over_a_slow_journal(extent_size: u64) -> (Job<SimDisk, SlowJournal>, Arc<AtomicBool>) {
     let slow = Arc::new(AtomicBool::new(false));
     let jd = SlowJournal {
         disk: SimDisk::new(JOURNAL_LEN),
@@ -306,12 +305,20 @@ fn a_listed_write_never_waits_for_another_extents_commit() {
     let destination = SimDisk::new((BLOCK * BLOCKS) as u64);
     let cfg = Config {
         copy_workers: 1,
-        extent_size: 65536,
+        extent_size,
         ..config()
     };
     let job = Job::new(journal, source, destination, cfg).expect("new");
     while job.copy_step().expect("step") != StepOutcome::Done {}
     job.checkpoint().expect("checkpoint");
+    (job, slow)
+}
+
+/// A guest write to an extent already listed never waits for the journal
+/// commit that lists another extent (with 30 ms syncs, a commit takes 60).
+#[test]
+fn a_listed_write_never_waits_for_another_extents_commit() {
+    let (job, slow) = copied_over_a_slow_journal(65536);
     let guest = job.guest();
     guest.write(0, &[1u8; 512], false).expect("listed now");
     slow.store(true, Ordering::Release);
@@ -346,22 +353,7 @@ fn a_listed_write_never_waits_for_another_extents_commit() {
 /// add no journal commit to the switch's hold beyond its own.
 #[test]
 fn the_switch_pause_holds_no_commit_but_its_own() {
-    let slow = Arc::new(AtomicBool::new(false));
-    let jd = SlowJournal {
-        disk: SimDisk::new(JOURNAL_LEN),
-        slow: slow.clone(),
-    };
-    let journal = Journal::format(jd, UUID, first_record()).expect("format");
-    let source = SimDisk::from_bytes(vec![7u8; BLOCK * BLOCKS]);
-    let destination = SimDisk::new((BLOCK * BLOCKS) as u64);
-    let cfg = Config {
-        copy_workers: 1,
-        extent_size: 8192,
-        ..config()
-    };
-    let job = Job::new(journal, source, destination, cfg).expect("new");
-    while job.copy_step().expect("step") != StepOutcome::Done {}
-    job.checkpoint().expect("checkpoint");
+    let (job, slow) = copied_over_a_slow_journal(8192);
     let guest = job.guest();
     slow.store(true, Ordering::Release);
     let stop = AtomicBool::new(false);
