@@ -32,7 +32,15 @@
 //! Commits run outside the intent lock: while one is in flight, a write
 //! goes on only if its extents are covered both by the newest record and by
 //! the one being written (either may be the newest after a crash); others
-//! wait for the commit. A write to an extent already listed never waits.
+//! wait for the commit. A write to an extent both records list goes straight
+//! on. One the newest record lists but an in-flight checkpoint drops (it
+//! was clean at the boundary) waits for that commit and then for its own:
+//! after a crash either record may be the newest.
+//!
+//! A commit that fails leaves its record doubtful: it may be on the
+//! journal, so it counts as one of the records a crash may leave, and no
+//! later commit can supersede it (the journal is poisoned). A write to an
+//! extent it does not cover fails instead of going on (R1).
 //!
 //! Lock order: intent, then journal, then state (the intent lock is never
 //! held across a commit, only taken before the journal's where both are).
@@ -69,6 +77,9 @@ struct State {
     /// The record being committed, if any: until it is durable, either
     /// record may be the one a crash leaves.
     incoming: Option<Progress>,
+    /// A record whose commit failed: it may be on the journal, so writes
+    /// it does not cover cannot go on.
+    doubtful: Option<Progress>,
     /// Extents writers wait to see listed: the next commit lists them all.
     wanted: BTreeSet<u64>,
     /// Extents a resumed job still copies again: listed until copied.
@@ -105,6 +116,7 @@ impl Intent {
                 carried,
                 durable,
                 incoming: None,
+                doubtful: None,
                 wanted: BTreeSet::new(),
                 in_flight: HashMap::new(),
                 touched: BTreeSet::new(),
@@ -156,7 +168,9 @@ fn covered(progress: &Progress, e: u64) -> bool {
 impl State {
     /// Covered by the newest record and by the one being committed.
     fn covers(&self, e: u64) -> bool {
-        covered(&self.durable, e) && self.incoming.as_ref().is_none_or(|n| covered(n, e))
+        covered(&self.durable, e)
+            && self.incoming.as_ref().is_none_or(|n| covered(n, e))
+            && self.doubtful.as_ref().is_none_or(|n| covered(n, e))
     }
 }
 
@@ -184,6 +198,9 @@ pub(crate) fn mark<'a, S: Storage, J: Storage>(
         let missing: Vec<u64> = extents.clone().filter(|&e| !state.covers(e)).collect();
         if missing.is_empty() {
             break Ok(());
+        }
+        if state.doubtful.is_some() {
+            break Err(Error::Poisoned { what: "journal" });
         }
         state.wanted.extend(missing);
         if state.incoming.is_some() {
@@ -221,14 +238,45 @@ fn commit_unlocked<'a, S: Storage, J: Storage>(
     mut state: MutexGuard<'a, State>,
     next: Progress,
 ) -> (Result<()>, MutexGuard<'a, State>) {
+    if state.doubtful.is_some() {
+        // Nothing may supersede a record that may be on the journal.
+        return (Err(Error::Poisoned { what: "journal" }), state);
+    }
     state.incoming = Some(next.clone());
     drop(state);
+    // A commit that panics must not leave `incoming` set: writers waiting
+    // for it would wait forever (invariant 7). It ends as a failed one.
+    let unwinding = InFlight(shared);
     let committed = commit(shared, &next);
+    std::mem::forget(unwinding);
     let mut state = lock(&shared.intent.state);
-    state.incoming = None;
+    end_commit(&mut state, committed.is_ok());
     let result = committed.map(|recorded| state.durable = recorded);
     shared.intent.committed.notify_all();
     (result, state)
+}
+
+/// Ends the commit in flight; a failed one may be on the journal, so its
+/// record stays doubtful (see `State::covers`).
+fn end_commit(state: &mut State, ok: bool) {
+    let ended = state.incoming.take();
+    if !ok {
+        state.doubtful = ended;
+    }
+}
+
+/// Armed while a commit runs with the intent lock let go; dropped only by
+/// an unwinding commit, which fails the job like a failed commit.
+struct InFlight<'a, S: Storage, J: Storage>(&'a Shared<S, J>);
+
+impl<S: Storage, J: Storage> Drop for InFlight<'_, S, J> {
+    fn drop(&mut self) {
+        let intent = &self.0.intent;
+        end_commit(&mut lock(&intent.state), false);
+        intent.committed.notify_all();
+        self.0
+            .fail_engine("journal: a progress commit panicked".to_string());
+    }
 }
 
 /// Commits `progress` with the job's current phase and returns what the
@@ -284,7 +332,7 @@ pub(crate) fn checkpoint<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Resul
             .filter(|&e| {
                 let first = e * extent / g;
                 let end = ((e + 1) * extent).div_ceil(g);
-                shared.dirty.next_set(first).is_some_and(|i| i < end)
+                (first..end.min(shared.dirty.len())).any(|i| shared.dirty.get(i))
             })
             .collect();
         (extent, cursor, kept, copied)
