@@ -5,7 +5,7 @@
 use crate::engine::Guest;
 use crate::error::{Error, Result};
 use crate::image::{Image, Role};
-use crate::nbd::ExportDevice;
+use crate::nbd::{Allocation, ExportDevice, allocation_from};
 use crate::storage::Storage;
 
 impl<S: Storage + 'static, J: Storage + 'static> ExportDevice for Guest<S, J> {
@@ -26,6 +26,24 @@ impl<S: Storage + 'static, J: Storage + 'static> ExportDevice for Guest<S, J> {
     }
     fn flush(&self) -> Result<()> {
         Guest::flush(self)
+    }
+    fn block_size(&self) -> u32 {
+        export_block_size(Guest::block_size(self))
+    }
+    // Holes and data of the image answering reads when each range is
+    // asked: around the switch both images hold the same bytes.
+    fn allocation(&self, offset: u64, len: u32, max: usize) -> Result<Vec<Allocation>> {
+        allocation_from(offset, len, max, |at| self.next_data(at))
+    }
+}
+
+/// A storage's block size as the export's: a power of two of at most
+/// 64 KiB (the NBD limit for a minimum block size), 1 when it is not one.
+fn export_block_size(size: u64) -> u32 {
+    if size.is_power_of_two() && size <= 64 << 10 {
+        size as u32
+    } else {
+        1
     }
 }
 
@@ -92,5 +110,19 @@ impl<S: Storage + 'static> ExportDevice for ImageDevice<S> {
     }
     fn flush(&self) -> Result<()> {
         self.image.sync()
+    }
+    fn block_size(&self) -> u32 {
+        export_block_size(self.image.storage.block_size())
+    }
+    fn allocation(&self, offset: u64, len: u32, max: usize) -> Result<Vec<Allocation>> {
+        self.check()?;
+        let size = self.size;
+        allocation_from(offset, len, max, |at| {
+            Ok(self
+                .image
+                .next_data(at)?
+                .map(|r| r.start.max(at)..r.end.min(size))
+                .filter(|r| r.start < r.end))
+        })
     }
 }

@@ -761,6 +761,14 @@ pub fn nbd_messages(data: &[u8]) {
     if let Some((code, rest)) = data.split_first_chunk::<4>() {
         let _ = proto::parse_option_data(u32::from_be_bytes(*code), rest);
     }
+    if let Ok(request) = crate::nbd::structured::parse_meta_context_request(data) {
+        let queries: Vec<&str> = request.queries.iter().map(String::as_str).collect();
+        assert_eq!(
+            crate::nbd::structured::encode_meta_context_request(&request.export, &queries),
+            data,
+            "meta context request round trip"
+        );
+    }
 }
 
 /// What an NBD server sends the client, after three requests: the reply

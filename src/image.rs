@@ -51,6 +51,9 @@ impl Role {
             (Role::Served, Op::Write) => "image write",
             (Role::Served, Op::Discard) => "image discard",
             (Role::Served, Op::Sync) => "image fdatasync",
+            (Role::Source, Op::SeekData) => "source SEEK_DATA",
+            (Role::Destination, Op::SeekData) => "destination SEEK_DATA",
+            (Role::Served, Op::SeekData) => "image SEEK_DATA",
         }
     }
 }
@@ -61,6 +64,7 @@ enum Op {
     Write,
     Discard,
     Sync,
+    SeekData,
 }
 
 /// An image with a latch that turns any write after its retirement into a
@@ -188,6 +192,14 @@ impl<S: Storage> Image<S> {
 
     pub fn punch(&self, offset: u64, len: u64) -> Result<()> {
         self.change(Op::Discard, |s| s.punch_hole(offset, len))
+    }
+
+    /// The first range at or after `offset` that may hold data (`None`:
+    /// the rest is a hole that reads as zeros).
+    pub fn next_data(&self, offset: u64) -> Result<Option<std::ops::Range<u64>>> {
+        self.storage
+            .next_data(offset)
+            .map_err(|e| Error::io(self.role.op(Op::SeekData), e))
     }
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

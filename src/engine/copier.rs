@@ -39,8 +39,7 @@ pub(super) fn plan<S: Storage, J: Storage>(
         // Granules below `decided` are already marked dirty or punched.
         let mut decided = first_g;
         while offset < (end_g * g).min(shared.size) {
-            let next = shared.source.storage.next_data(offset);
-            let Some(range) = next.map_err(|e| Error::io("source SEEK_DATA", e))? else {
+            let Some(range) = shared.source.next_data(offset)? else {
                 break;
             };
             if range.end <= offset || range.start >= end_g * g {
@@ -89,8 +88,7 @@ fn source_extents<S: Storage, J: Storage>(
     let mut pieces = Vec::new();
     let mut at = run.start;
     while at < run.end {
-        let next = shared.source.storage.next_data(at);
-        let data = next.map_err(|e| Error::io("source SEEK_DATA", e))?;
+        let data = shared.source.next_data(at)?;
         let (data_start, data_end) = match data {
             Some(r) if r.start < run.end => (r.start.max(at), r.end.min(run.end)),
             _ => (run.end, run.end),

@@ -134,6 +134,32 @@ impl<S: Storage, J: Storage> Guest<S, J> {
         })
     }
 
+    /// The first range at or after `offset` that may hold data on the image
+    /// that answers reads now (SEEK_DATA), within the disk; `None` when
+    /// the rest of the disk is a hole that reads as zeros.
+    pub fn next_data(&self, offset: u64) -> Result<Option<Range<u64>>> {
+        let size = self.shared.size;
+        let next = self.request(|phase| match phase {
+            JobPhase::Switched | JobPhase::Completed => self.shared.destination.next_data(offset),
+            _ => self.shared.source.next_data(offset),
+        })?;
+        Ok(next
+            .map(|r| r.start.max(offset)..r.end.min(size))
+            .filter(|r| r.start < r.end))
+    }
+
+    /// The logical block size requests should be aligned to: the larger of
+    /// the two images' (after the switch the destination alone matters,
+    /// but a client learns it once, when it connects).
+    pub fn block_size(&self) -> u64 {
+        let shared = &self.shared;
+        shared
+            .source
+            .storage
+            .block_size()
+            .max(shared.destination.storage.block_size())
+    }
+
     /// Writes `data` at `offset`. With `fua`, the data is durable on every
     /// image that may become authoritative before this returns.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {

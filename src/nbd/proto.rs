@@ -7,9 +7,10 @@
 //! hostile length never turns into an allocation. Everything on the wire is
 //! big-endian (NBD `doc/proto.md`, "Conventions").
 //!
-//! Only what this server speaks is here: fixed newstyle negotiation, simple
-//! replies, no structured replies, no extended headers; STARTTLS's option
-//! number only (TLS itself is in `tls`).
+//! Fixed newstyle negotiation and simple replies are here; structured
+//! replies, metadata contexts and block sizes are in [`super::structured`];
+//! no extended headers; STARTTLS's option number only (TLS itself is in
+//! `tls`).
 
 // NBD is big-endian by specification; the crate denies big-endian byte
 // conversions elsewhere because the journal is little-endian.
@@ -52,6 +53,10 @@ pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 /// Transmission flag: flushes on one connection cover all connections.
 /// This server never sets it.
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Transmission flag: READ takes `CMD_FLAG_DF` (structured replies only).
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
+/// Transmission flag: WRITE_ZEROES takes `CMD_FLAG_FAST_ZERO`.
+pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Option: choose an export and enter transmission (old clients).
 pub const OPT_EXPORT_NAME: u32 = 1;
@@ -253,6 +258,12 @@ pub enum ClientOption {
     Info(InfoRequest),
     /// `NBD_OPT_GO`.
     Go(InfoRequest),
+    /// `NBD_OPT_STRUCTURED_REPLY`.
+    StructuredReply,
+    /// `NBD_OPT_LIST_META_CONTEXT`.
+    ListMetaContext(super::structured::MetaContextRequest),
+    /// `NBD_OPT_SET_META_CONTEXT`.
+    SetMetaContext(super::structured::MetaContextRequest),
     /// Any other option; the server answers `NBD_REP_ERR_UNSUP`.
     Unsupported(u32),
 }
@@ -283,6 +294,8 @@ pub enum Command {
     Trim,
     /// `NBD_CMD_WRITE_ZEROES`.
     WriteZeroes,
+    /// `NBD_CMD_BLOCK_STATUS`.
+    BlockStatus,
     /// A command this server does not implement.
     Other(u16),
 }
@@ -297,6 +310,7 @@ impl Command {
             CMD_FLUSH => Command::Flush,
             CMD_TRIM => Command::Trim,
             CMD_WRITE_ZEROES => Command::WriteZeroes,
+            super::structured::CMD_BLOCK_STATUS => Command::BlockStatus,
             other => Command::Other(other),
         }
     }
@@ -310,6 +324,7 @@ impl Command {
             Command::Flush => CMD_FLUSH,
             Command::Trim => CMD_TRIM,
             Command::WriteZeroes => CMD_WRITE_ZEROES,
+            Command::BlockStatus => super::structured::CMD_BLOCK_STATUS,
             Command::Other(code) => code,
         }
     }
@@ -323,10 +338,11 @@ impl Command {
     pub fn allowed_flags(self) -> u16 {
         match self {
             Command::Write | Command::Trim | Command::Flush | Command::Disc => CMD_FLAG_FUA,
-            Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-            // DF and REQ_ONE only mean something with structured replies,
-            // which are never negotiated here; harmless to ignore on reads.
+            Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            // A read is never fragmented, so DF always holds; REQ_ONE is
+            // for BLOCK_STATUS, but old clients set it on reads, harmlessly.
             Command::Read => CMD_FLAG_FUA | CMD_FLAG_DF | CMD_FLAG_REQ_ONE,
+            Command::BlockStatus => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
             Command::Other(_) => 0,
         }
     }
@@ -517,15 +533,24 @@ fn parse_info_request(data: &[u8]) -> Result<InfoRequest, ProtoError> {
 pub fn parse_option_data(option: u32, data: &[u8]) -> Result<ClientOption, ProtoError> {
     match option {
         OPT_EXPORT_NAME => parse_name(data).map(ClientOption::ExportName),
-        OPT_ABORT | OPT_LIST if !data.is_empty() => Err(ProtoError::TrailingBytes {
-            what: if option == OPT_ABORT {
-                "NBD_OPT_ABORT"
-            } else {
-                "NBD_OPT_LIST"
-            },
-        }),
+        OPT_ABORT | OPT_LIST | OPT_STRUCTURED_REPLY if !data.is_empty() => {
+            Err(ProtoError::TrailingBytes {
+                what: match option {
+                    OPT_ABORT => "NBD_OPT_ABORT",
+                    OPT_LIST => "NBD_OPT_LIST",
+                    _ => "NBD_OPT_STRUCTURED_REPLY",
+                },
+            })
+        }
         OPT_ABORT => Ok(ClientOption::Abort),
         OPT_LIST => Ok(ClientOption::List),
+        OPT_STRUCTURED_REPLY => Ok(ClientOption::StructuredReply),
+        OPT_LIST_META_CONTEXT => {
+            super::structured::parse_meta_context_request(data).map(ClientOption::ListMetaContext)
+        }
+        OPT_SET_META_CONTEXT => {
+            super::structured::parse_meta_context_request(data).map(ClientOption::SetMetaContext)
+        }
         OPT_INFO => parse_info_request(data).map(ClientOption::Info),
         OPT_GO => parse_info_request(data).map(ClientOption::Go),
         other => Ok(ClientOption::Unsupported(other)),
@@ -898,13 +923,13 @@ mod tests {
             parse_option(&encode_option(OPT_ABORT, b"")),
             Ok(ClientOption::Abort)
         );
-        for opt in [
-            OPT_STARTTLS,
-            OPT_STRUCTURED_REPLY,
-            OPT_EXTENDED_HEADERS,
-            OPT_SET_META_CONTEXT,
-            12345,
-        ] {
+        assert_eq!(
+            parse_option(&encode_option(OPT_STRUCTURED_REPLY, b"")),
+            Ok(ClientOption::StructuredReply)
+        );
+        assert!(parse_option(&encode_option(OPT_STRUCTURED_REPLY, b"x")).is_err());
+        assert!(parse_option(&encode_option(OPT_SET_META_CONTEXT, b"whatever")).is_err());
+        for opt in [OPT_STARTTLS, OPT_EXTENDED_HEADERS, 12345] {
             assert_eq!(
                 parse_option(&encode_option(opt, b"whatever")),
                 Ok(ClientOption::Unsupported(opt))
@@ -1038,7 +1063,8 @@ mod tests {
             Command::Flush,
             Command::Trim,
             Command::WriteZeroes,
-            Command::Other(7),
+            Command::BlockStatus,
+            Command::Other(5),
             Command::Other(0xffff),
         ] {
             let request = Request {

@@ -27,13 +27,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use super::ExportDevice;
 use super::Stream;
 use super::errno_for;
 use super::proto::{
     self, ClientOption, Command, InfoRequest, OptionHeader, Payload, ProtoError, ReadError, Request,
 };
+use super::structured::{self as st, ChunkHeader, MetaContextRequest};
 use super::tls::{ServerTls, TlsStream};
+use super::{Allocation, ExportDevice};
 use crate::error::{Error, Result};
 
 /// Requests one connection may have in flight (QEMU's `MAX_NBD_REQUESTS`).
@@ -57,6 +58,11 @@ const NEGOTIATION_DEADLINE: Duration = Duration::from_secs(10);
 /// Connections still negotiating at most (unauthenticated peers, when TLS
 /// is required); more are closed at once. Each costs a thread.
 const MAX_NEGOTIATING: usize = 32;
+/// Extents one BLOCK_STATUS reply describes at most (the client asks
+/// again from where it ends); each costs a SEEK_DATA and a SEEK_HOLE.
+const MAX_EXTENTS: usize = 256;
+/// The id of `base:allocation`, the one metadata context.
+const ALLOCATION_ID: u32 = 1;
 /// How often the accept loop looks at the stop flag.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 
@@ -471,16 +477,35 @@ impl Shared {
         }
     }
 
-    fn transmission_flags(&self) -> u16 {
+    fn transmission_flags(&self, session: &Session) -> u16 {
+        // Multi-conn: see the module's documentation.
         let mut flags = proto::TFLAG_HAS_FLAGS
             | proto::TFLAG_SEND_FLUSH
             | proto::TFLAG_SEND_FUA
             | proto::TFLAG_SEND_TRIM
-            | proto::TFLAG_SEND_WRITE_ZEROES;
+            | proto::TFLAG_SEND_WRITE_ZEROES
+            | proto::TFLAG_SEND_FAST_ZERO
+            | proto::TFLAG_CAN_MULTI_CONN;
+        if session.structured {
+            // A read is always one data chunk.
+            flags |= proto::TFLAG_SEND_DF;
+        }
         if self.read_only.load(Ordering::Relaxed) {
             flags |= proto::TFLAG_READ_ONLY;
         }
         flags
+    }
+
+    /// The block sizes the export advertises: the device's minimum, never
+    /// more than what divides the export's size (a client could not reach
+    /// the tail otherwise).
+    fn block_sizes(&self) -> (u32, u32, u32) {
+        let size = self.device.size();
+        let divides = 1u64 << size.trailing_zeros().min(16);
+        let minimum = u64::from(self.device.block_size().max(1)).min(divides) as u32;
+        debug_assert!(minimum.is_power_of_two() && minimum <= 64 << 10);
+        let preferred = proto::PREFERRED_BLOCK.max(minimum);
+        (minimum, preferred, proto::MAX_PAYLOAD)
     }
 
     fn serves(&self, name: &str) -> bool {
@@ -550,8 +575,9 @@ fn serve_connection(shared: &Arc<Shared>, stream: Stream, negotiated: &AtomicBoo
             Some(_) => Tls::Required,
             None => Tls::Off,
         };
+        let mut session = Session::default();
         loop {
-            match negotiate(shared, &mut reader, &mut writer, flags, mode)? {
+            match negotiate(shared, &mut reader, &mut writer, flags, mode, &mut session)? {
                 Negotiated::Transmission => break,
                 Negotiated::Closed => return Ok(End::Clean),
                 Negotiated::StartTls => {
@@ -565,8 +591,8 @@ fn serve_connection(shared: &Arc<Shared>, stream: Stream, negotiated: &AtomicBoo
                     }
                     let secured = Stream::Tls(TlsStream::accept(stream.try_clone()?, config)?);
                     // Everything negotiated before TLS is forgotten, as the
-                    // spec says: we keep no option state, and the client
-                    // flags are not options.
+                    // spec says (the client flags are not options).
+                    session = Session::default();
                     reader = BufReader::with_capacity(READ_BUFFER, secured.try_clone()?);
                     writer = secured.try_clone()?;
                     current = Some(secured);
@@ -576,7 +602,7 @@ fn serve_connection(shared: &Arc<Shared>, stream: Stream, negotiated: &AtomicBoo
         }
         stream.set_read_timeout(None)?;
         negotiated.store(true, Ordering::Release);
-        Ok::<End, End>(transmission(shared, &mut reader, writer))
+        Ok::<End, End>(transmission(shared, &mut reader, writer, session))
     })()
     .unwrap_or_else(|end| end);
     if let Some(secured) = current.filter(|_| end == End::Clean) {
@@ -584,6 +610,15 @@ fn serve_connection(shared: &Arc<Shared>, stream: Stream, negotiated: &AtomicBoo
     }
     let _ = stream.shutdown();
     end
+}
+
+/// What the options negotiated for the transmission phase.
+#[derive(Debug, Clone, Copy, Default)]
+struct Session {
+    /// NBD_OPT_STRUCTURED_REPLY was acknowledged.
+    structured: bool,
+    /// `base:allocation` is selected: BLOCK_STATUS answers.
+    allocation: bool,
 }
 
 enum Negotiated {
@@ -615,6 +650,7 @@ fn negotiate(
     writer: &mut impl Write,
     flags: proto::ClientFlags,
     tls: Tls,
+    session: &mut Session,
 ) -> std::result::Result<Negotiated, End> {
     for _ in 0..MAX_OPTIONS {
         let Some(header) = read_header::<{ proto::OPTION_HEADER_LEN }>(reader)? else {
@@ -678,7 +714,7 @@ fn negotiate(
                 }
                 writer.write_all(&proto::encode_export_name_reply(
                     shared.device.size(),
-                    shared.transmission_flags(),
+                    shared.transmission_flags(session),
                     flags.no_zeroes,
                 ))?;
                 return Ok(Negotiated::Transmission);
@@ -698,12 +734,22 @@ fn negotiate(
                 send_reply(writer, option, proto::REP_ACK, &[])?;
             }
             ClientOption::Info(request) => {
-                send_info(shared, writer, option, &request)?;
+                send_info(shared, writer, option, &request, session)?;
             }
             ClientOption::Go(request) => {
-                if send_info(shared, writer, option, &request)? {
+                if send_info(shared, writer, option, &request, session)? {
                     return Ok(Negotiated::Transmission);
                 }
+            }
+            ClientOption::StructuredReply => {
+                session.structured = true;
+                send_reply(writer, option, proto::REP_ACK, &[])?;
+            }
+            ClientOption::ListMetaContext(request) => {
+                meta_context(shared, writer, option, &request, session, false)?;
+            }
+            ClientOption::SetMetaContext(request) => {
+                meta_context(shared, writer, option, &request, session, true)?;
             }
             ClientOption::Unsupported(_) => {
                 send_reply(writer, option, proto::REP_ERR_UNSUP, &[])?;
@@ -713,12 +759,50 @@ fn negotiate(
     Err(End::Dropped)
 }
 
+/// Answers LIST_META_CONTEXT (`set` false) and SET_META_CONTEXT: the
+/// one context is `base:allocation`; `base:` lists it too. A SET replaces
+/// the selection, so one that selects nothing turns block status off.
+fn meta_context(
+    shared: &Shared,
+    writer: &mut impl Write,
+    option: u32,
+    request: &MetaContextRequest,
+    session: &mut Session,
+    set: bool,
+) -> io::Result<()> {
+    if !session.structured {
+        let message = b"negotiate structured replies (NBD_OPT_STRUCTURED_REPLY) first";
+        return send_reply(writer, option, proto::REP_ERR_INVALID, message);
+    }
+    if !shared.serves(&request.export) {
+        let message = format!("no export named {:?}", request.export);
+        return send_reply(writer, option, proto::REP_ERR_UNKNOWN, message.as_bytes());
+    }
+    let matches = |q: &str| q == st::BASE_ALLOCATION || (!set && q == "base:");
+    let selected = if request.queries.is_empty() {
+        !set
+    } else {
+        request.queries.iter().any(|q| matches(q))
+    };
+    if set {
+        session.allocation = selected;
+    }
+    if selected {
+        // LIST's ids mean nothing; SET's name the context in BLOCK_STATUS.
+        let id = if set { ALLOCATION_ID } else { 0 };
+        let data = st::encode_rep_meta_context(id, st::BASE_ALLOCATION);
+        send_reply(writer, option, st::REP_META_CONTEXT, &data)?;
+    }
+    send_reply(writer, option, proto::REP_ACK, &[])
+}
+
 /// Answers INFO/GO; true if the export was found (and acknowledged).
 fn send_info(
     shared: &Shared,
     writer: &mut impl Write,
     option: u32,
     request: &InfoRequest,
+    session: &Session,
 ) -> io::Result<bool> {
     if !shared.serves(&request.name) {
         let message = format!("no export named {:?}", request.name);
@@ -727,10 +811,11 @@ fn send_info(
     }
     // INFO_NAME and INFO_DESCRIPTION requests are optional to honour and
     // ignored; block sizes are sent whether asked for or not.
-    let export = proto::encode_info_export(shared.device.size(), shared.transmission_flags());
+    let export =
+        proto::encode_info_export(shared.device.size(), shared.transmission_flags(session));
     send_reply(writer, option, proto::REP_INFO, &export)?;
-    let sizes =
-        proto::encode_info_block_size(proto::MIN_BLOCK, proto::PREFERRED_BLOCK, proto::MAX_PAYLOAD);
+    let (minimum, preferred, maximum) = shared.block_sizes();
+    let sizes = proto::encode_info_block_size(minimum, preferred, maximum);
     send_reply(writer, option, proto::REP_INFO, &sizes)?;
     send_reply(writer, option, proto::REP_ACK, &[])?;
     Ok(true)
@@ -783,14 +868,47 @@ struct Job {
 
 struct Conn<'a> {
     shared: &'a Shared,
+    session: Session,
     writer: Mutex<Stream>,
     broken: AtomicBool,
     flight: Flight,
 }
 
-fn transmission(shared: &Shared, reader: &mut impl Read, writer: Stream) -> End {
+/// What a request that succeeded answers.
+enum Answer {
+    /// A read's data, after room for the reply's header (see
+    /// [`Conn::header_room`]).
+    Data(Vec<u8>),
+    /// Nothing but success.
+    Done,
+    /// BLOCK_STATUS's extents for `base:allocation`.
+    Extents(Vec<Allocation>),
+}
+
+/// Why a request failed: the NBD error number, and for a structured
+/// reply's error chunk, a message for people.
+struct Failure {
+    errno: u32,
+    message: String,
+}
+
+impl Failure {
+    fn new(errno: u32, message: impl Into<String>) -> Failure {
+        Failure {
+            errno,
+            message: message.into(),
+        }
+    }
+
+    fn device(error: Error) -> Failure {
+        Failure::new(errno_for(&error), error.to_string())
+    }
+}
+
+fn transmission(shared: &Shared, reader: &mut impl Read, writer: Stream, session: Session) -> End {
     let conn = Conn {
         shared,
+        session,
         writer: Mutex::new(writer),
         broken: AtomicBool::new(false),
         flight: Flight {
@@ -911,18 +1029,30 @@ impl Conn<'_> {
             self.flight.wait_before(seq);
         }
         let outcome = catch_unwind(AssertUnwindSafe(|| self.execute(&request, payload)))
-            .unwrap_or(Err(proto::EIO));
-        self.reply(request.handle, outcome);
+            .unwrap_or_else(|_| Err(Failure::new(proto::EIO, "internal error")));
+        self.reply(&request, outcome);
         self.flight.leave(seq);
     }
 
-    /// Performs one request: the reply's data (header space included, for
-    /// a read), or an error number.
-    fn execute(&self, request: &Request, payload: Payload) -> std::result::Result<Vec<u8>, u32> {
+    /// Bytes before a read's data in its reply: the simple reply's header,
+    /// or the structured chunk's and its offset.
+    fn header_room(&self) -> usize {
+        if self.session.structured {
+            st::OFFSET_DATA_PREFIX_LEN
+        } else {
+            proto::SIMPLE_REPLY_LEN
+        }
+    }
+
+    /// Performs one request.
+    fn execute(&self, request: &Request, payload: Payload) -> std::result::Result<Answer, Failure> {
         let device = &*self.shared.device;
         let read_only = self.shared.read_only.load(Ordering::Relaxed);
         if request.flags & !request.command.allowed_flags() != 0 {
-            return Err(proto::EINVAL);
+            return Err(Failure::new(
+                proto::EINVAL,
+                "flags not valid for this command",
+            ));
         }
         let len = u64::from(request.length);
         let in_range = request
@@ -930,84 +1060,189 @@ impl Conn<'_> {
             .checked_add(len)
             .is_some_and(|end| end <= device.size());
         let fua = request.fua();
-        let device_error = |e: Error| errno_for(&e);
+        let beyond = || Failure::new(proto::EINVAL, "beyond the end of the export");
+        let no_space = || Failure::new(proto::ENOSPC, "beyond the end of the export");
+        let read_only_error = || Failure::new(proto::EPERM, "the export is read-only");
         match request.command {
             Command::Read => {
-                if request.length > proto::MAX_PAYLOAD || !in_range {
-                    return Err(proto::EINVAL);
+                if request.length > proto::MAX_PAYLOAD {
+                    return Err(Failure::new(
+                        proto::EINVAL,
+                        "read longer than the maximum payload",
+                    ));
                 }
-                let mut buf = vec![0u8; proto::SIMPLE_REPLY_LEN + request.length as usize];
+                if !in_range {
+                    return Err(beyond());
+                }
+                let room = self.header_room();
+                let mut buf = vec![0u8; room + request.length as usize];
                 device
-                    .read(request.offset, &mut buf[proto::SIMPLE_REPLY_LEN..])
-                    .map_err(device_error)?;
-                Ok(buf)
+                    .read(request.offset, &mut buf[room..])
+                    .map_err(Failure::device)?;
+                Ok(Answer::Data(buf))
             }
             Command::Write => {
                 let Payload::Data(data) = payload else {
-                    return Err(proto::EINVAL);
+                    return Err(Failure::new(
+                        proto::EINVAL,
+                        "write longer than the maximum payload",
+                    ));
                 };
                 if read_only {
-                    return Err(proto::EPERM);
+                    return Err(read_only_error());
                 }
                 if !in_range {
-                    return Err(proto::ENOSPC);
+                    return Err(no_space());
                 }
                 device
                     .write(request.offset, &data, fua)
-                    .map_err(device_error)?;
-                Ok(Vec::new())
+                    .map_err(Failure::device)?;
+                Ok(Answer::Done)
             }
             Command::WriteZeroes => {
                 if read_only {
-                    return Err(proto::EPERM);
+                    return Err(read_only_error());
                 }
                 if !in_range {
-                    return Err(proto::ENOSPC);
+                    return Err(no_space());
+                }
+                if request.flags & proto::CMD_FLAG_FAST_ZERO != 0 && !device.zeroes_fast() {
+                    // The client writes zeros itself if it still needs them.
+                    return Err(Failure::new(
+                        proto::ENOTSUP,
+                        "zeroing here is not faster than writing zeros",
+                    ));
                 }
                 if len > 0 {
                     device
                         .write_zeroes(request.offset, len, fua)
-                        .map_err(device_error)?;
+                        .map_err(Failure::device)?;
                 }
-                Ok(Vec::new())
+                Ok(Answer::Done)
             }
             Command::Trim => {
                 if read_only {
-                    return Err(proto::EPERM);
+                    return Err(read_only_error());
                 }
                 if !in_range {
-                    return Err(proto::EINVAL);
+                    return Err(beyond());
                 }
                 if len > 0 {
-                    device.trim(request.offset, len).map_err(device_error)?;
+                    device.trim(request.offset, len).map_err(Failure::device)?;
                 }
                 if fua {
-                    device.flush().map_err(device_error)?;
+                    device.flush().map_err(Failure::device)?;
                 }
-                Ok(Vec::new())
+                Ok(Answer::Done)
             }
             Command::Flush => {
-                device.flush().map_err(device_error)?;
-                Ok(Vec::new())
+                device.flush().map_err(Failure::device)?;
+                Ok(Answer::Done)
             }
-            Command::Disc | Command::Other(_) => Err(proto::EINVAL),
+            Command::BlockStatus => {
+                if !self.session.allocation {
+                    return Err(Failure::new(
+                        proto::EINVAL,
+                        "no metadata context selected (NBD_OPT_SET_META_CONTEXT)",
+                    ));
+                }
+                if len == 0 || !in_range {
+                    return Err(beyond());
+                }
+                let max = if request.flags & proto::CMD_FLAG_REQ_ONE != 0 {
+                    1
+                } else {
+                    MAX_EXTENTS
+                };
+                let extents = device
+                    .allocation(request.offset, request.length, max)
+                    .map_err(Failure::device)?;
+                // Checked right before it goes out: what the spec requires
+                // of a BLOCK_STATUS chunk.
+                let total: u64 = extents.iter().map(|e| u64::from(e.length)).sum();
+                let valid = !extents.is_empty()
+                    && extents.len() <= max
+                    && extents.iter().all(|e| e.length > 0)
+                    && total <= len;
+                if !valid {
+                    return Err(Failure::new(
+                        proto::EIO,
+                        "the device described its allocation wrongly",
+                    ));
+                }
+                Ok(Answer::Extents(extents))
+            }
+            Command::Disc | Command::Other(_) => {
+                Err(Failure::new(proto::EINVAL, "unknown command"))
+            }
         }
     }
 
-    fn reply(&self, handle: u64, outcome: std::result::Result<Vec<u8>, u32>) {
+    /// Encodes the answer: a simple reply without structured replies; with
+    /// them, a chunk for reads, block status and errors, and a simple reply
+    /// for any other success (which the spec allows).
+    fn encode(&self, request: &Request, outcome: std::result::Result<Answer, Failure>) -> Vec<u8> {
+        let handle = request.handle;
+        let chunk = |kind: u16, length: usize| {
+            st::encode_chunk_header(&ChunkHeader {
+                flags: st::REPLY_FLAG_DONE,
+                kind,
+                handle,
+                length: length as u32,
+            })
+        };
+        let simple = |error: u32| proto::encode_simple_reply(error, handle).to_vec();
+        match (self.session.structured, outcome) {
+            (false, Ok(Answer::Data(mut bytes))) => {
+                bytes[..proto::SIMPLE_REPLY_LEN]
+                    .copy_from_slice(&proto::encode_simple_reply(0, handle));
+                bytes
+            }
+            (false, Ok(_)) => simple(0),
+            (false, Err(failure)) => simple(failure.errno),
+            (true, Ok(Answer::Data(mut bytes))) if bytes.len() > self.header_room() => {
+                let len = (bytes.len() - st::OFFSET_DATA_PREFIX_LEN) as u32;
+                let prefix = st::encode_offset_data_prefix(handle, request.offset, len);
+                bytes[..st::OFFSET_DATA_PREFIX_LEN].copy_from_slice(&prefix);
+                bytes
+            }
+            // A read of 0 bytes: a data chunk must carry at least one.
+            (true, Ok(Answer::Data(_))) => chunk(st::REPLY_TYPE_NONE, 0).to_vec(),
+            (true, Ok(Answer::Done)) => simple(0),
+            (true, Ok(Answer::Extents(extents))) => {
+                let wire: Vec<st::Extent> = extents
+                    .iter()
+                    .map(|e| st::Extent {
+                        length: e.length,
+                        flags: if e.hole {
+                            st::STATE_HOLE | st::STATE_ZERO
+                        } else {
+                            0
+                        },
+                    })
+                    .collect();
+                let payload = st::encode_block_status(ALLOCATION_ID, &wire);
+                let mut bytes = chunk(st::REPLY_TYPE_BLOCK_STATUS, payload.len()).to_vec();
+                bytes.extend_from_slice(&payload);
+                bytes
+            }
+            (true, Err(failure)) => {
+                let payload = st::encode_error_chunk(failure.errno, &failure.message);
+                let mut bytes = chunk(st::REPLY_TYPE_ERROR, payload.len()).to_vec();
+                bytes.extend_from_slice(&payload);
+                bytes
+            }
+        }
+    }
+
+    fn reply(&self, request: &Request, outcome: std::result::Result<Answer, Failure>) {
         if self.broken.load(Ordering::SeqCst) {
             return;
         }
-        let (error, mut bytes) = match outcome {
-            Ok(bytes) if !bytes.is_empty() => (0, bytes),
-            Ok(_) => (0, vec![0u8; proto::SIMPLE_REPLY_LEN]),
-            Err(error) => {
-                self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
-                (error, vec![0u8; proto::SIMPLE_REPLY_LEN])
-            }
-        };
-        bytes[..proto::SIMPLE_REPLY_LEN]
-            .copy_from_slice(&proto::encode_simple_reply(error, handle));
+        if outcome.is_err() {
+            self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let bytes = self.encode(request, outcome);
         let mut writer = lock(&self.writer);
         if writer.write_all(&bytes).is_err() {
             self.broken.store(true, Ordering::SeqCst);

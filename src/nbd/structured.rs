@@ -130,6 +130,28 @@ pub fn parse_offset_data(payload: &[u8]) -> Result<(u64, &[u8]), ProtoError> {
     Ok((be64(payload, 0), &payload[8..]))
 }
 
+/// Bytes before the data of a final `OFFSET_DATA` chunk: its header and
+/// the offset.
+pub const OFFSET_DATA_PREFIX_LEN: usize = STRUCTURED_HEADER_LEN + 8;
+
+/// The header and offset of a final `OFFSET_DATA` chunk carrying `len`
+/// bytes read at `offset`; the data follows them.
+pub fn encode_offset_data_prefix(
+    handle: u64,
+    offset: u64,
+    len: u32,
+) -> [u8; OFFSET_DATA_PREFIX_LEN] {
+    let mut out = [0u8; OFFSET_DATA_PREFIX_LEN];
+    out[..STRUCTURED_HEADER_LEN].copy_from_slice(&encode_chunk_header(&ChunkHeader {
+        flags: REPLY_FLAG_DONE,
+        kind: REPLY_TYPE_OFFSET_DATA,
+        handle,
+        length: len + 8,
+    }));
+    out[STRUCTURED_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
+    out
+}
+
 /// Decodes an `OFFSET_HOLE` payload: offset and length.
 pub fn parse_offset_hole(payload: &[u8]) -> Result<(u64, u32), ProtoError> {
     exact(payload, 12, "NBD_REPLY_TYPE_OFFSET_HOLE")?;
@@ -261,6 +283,59 @@ pub fn encode_meta_context_request(export: &str, queries: &[&str]) -> Vec<u8> {
         out.extend_from_slice(q.as_bytes());
     }
     out
+}
+
+/// Queries one `LIST_META_CONTEXT` / `SET_META_CONTEXT` may carry: a
+/// server knows few contexts, and each query costs a reply.
+pub const MAX_META_QUERIES: usize = 128;
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT` / `SET_META_CONTEXT`, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    /// The export the contexts are for.
+    pub export: String,
+    /// The queries (none: every context, for LIST).
+    pub queries: Vec<String>,
+}
+
+/// Decodes the data of `NBD_OPT_LIST_META_CONTEXT` / `SET_META_CONTEXT`:
+/// the export name and the queries, each a length-prefixed string.
+pub fn parse_meta_context_request(data: &[u8]) -> Result<MetaContextRequest, ProtoError> {
+    const WHAT: &str = "meta context request";
+    let mut rest = data;
+    let string = |rest: &mut &[u8]| -> Result<String, ProtoError> {
+        let Some(len) = rest.first_chunk::<4>() else {
+            return Err(ProtoError::Truncated { what: WHAT });
+        };
+        let len = u32::from_be_bytes(*len) as usize;
+        let body = &rest[4..];
+        if len > body.len() {
+            return Err(ProtoError::Truncated { what: WHAT });
+        }
+        let parsed = parse_name(&body[..len])?;
+        *rest = &body[len..];
+        Ok(parsed)
+    };
+    let export = string(&mut rest)?;
+    let Some(count) = rest.first_chunk::<4>() else {
+        return Err(ProtoError::Truncated { what: WHAT });
+    };
+    let count = u32::from_be_bytes(*count) as usize;
+    rest = &rest[4..];
+    if count > MAX_META_QUERIES {
+        return Err(ProtoError::TooBig {
+            what: "meta context queries",
+            len: count as u64,
+            max: MAX_META_QUERIES as u64,
+        });
+    }
+    let queries = (0..count)
+        .map(|_| string(&mut rest))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !rest.is_empty() {
+        return Err(ProtoError::TrailingBytes { what: WHAT });
+    }
+    Ok(MetaContextRequest { export, queries })
 }
 
 /// Encodes the data of an `NBD_REP_META_CONTEXT` reply.
@@ -407,6 +482,27 @@ mod tests {
             parse_offset_data(&[0, 0, 0, 0, 0, 0, 0, 3, 9]),
             Ok((3, &[9u8][..]))
         );
+
+        let request = encode_meta_context_request("disk0", &[BASE_ALLOCATION, "qemu:dirty"]);
+        assert_eq!(
+            parse_meta_context_request(&request),
+            Ok(MetaContextRequest {
+                export: "disk0".into(),
+                queries: vec![BASE_ALLOCATION.into(), "qemu:dirty".into()],
+            })
+        );
+        for cut in 0..request.len() {
+            assert!(
+                parse_meta_context_request(&request[..cut]).is_err(),
+                "{cut}"
+            );
+        }
+        let mut longer = request.clone();
+        longer.push(0);
+        assert!(parse_meta_context_request(&longer).is_err());
+        let mut many = encode_meta_context_request("", &[]);
+        many[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_meta_context_request(&many).is_err());
 
         let context = encode_rep_meta_context(3, BASE_ALLOCATION);
         assert_eq!(

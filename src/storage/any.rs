@@ -114,6 +114,9 @@ impl Storage for AnyImage {
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
         each!(self, s => s.next_data(offset))
     }
+    fn block_size(&self) -> u64 {
+        each!(self, s => s.block_size())
+    }
     fn only_copy(&self) {
         each!(self, s => s.only_copy())
     }

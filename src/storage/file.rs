@@ -493,6 +493,10 @@ impl Storage for FileStorage {
         self.write_zeroes(aligned.end, end - aligned.end)
     }
 
+    fn block_size(&self) -> u64 {
+        self.discard_unit
+    }
+
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
         let len = self.len()?;
         if offset >= len {

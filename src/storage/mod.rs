@@ -128,6 +128,12 @@ pub trait Storage: Send + Sync {
         let len = self.len()?;
         Ok((offset < len).then_some(offset..len))
     }
+    /// The unit requests should be aligned to, a power of two: a block
+    /// device's logical block size, a remote export's minimum block size;
+    /// 1 where any offset and length work as well as any other.
+    fn block_size(&self) -> u64 {
+        1
+    }
     /// From now on this image is the only one holding the guest's writes:
     /// prefer waiting for the medium over failing. Before this call a
     /// storage that loses its medium fails at once, because the caller
@@ -176,6 +182,9 @@ impl<S: Storage + ?Sized> Storage for &S {
     }
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
         (**self).next_data(offset)
+    }
+    fn block_size(&self) -> u64 {
+        (**self).block_size()
     }
     fn only_copy(&self) {
         (**self).only_copy()

@@ -411,6 +411,10 @@ impl Storage for NbdStorage {
         Ok(data_start.map(|start| start..size))
     }
 
+    fn block_size(&self) -> u64 {
+        self.min()
+    }
+
     fn only_copy(&self) {
         self.pool.only_copy();
     }

@@ -114,3 +114,51 @@ fn an_unaligned_guest_discard_keeps_a_job_on_block_devices_ready() {
         drop(loop_device);
     }
 }
+
+/// The NBD export's minimum block size is the images' logical block size:
+/// a served 4 KiB device says 4096, a live copy from a file onto one says
+/// 4096 too (the larger of the two), a file alone says 1.
+#[test]
+fn the_export_advertises_the_devices_logical_block_size() {
+    use livecopy::export::ImageDevice;
+    use livecopy::nbd::ExportDevice;
+    use livecopy::storage::{Endpoint, NbdAddress, NbdStorage};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("disk.img");
+    patterned(&backing, 0x22);
+    let file = dir.path().join("file.img");
+    patterned(&file, 0x33);
+    let device = Loop::new(&backing, 4096);
+    let minimum = |export: Arc<dyn ExportDevice>| {
+        let socket = dir.path().join("nbd.sock");
+        let server = livecopy::nbd::bind_unix(&socket, export, "")
+            .expect("bind")
+            .spawn();
+        let address = NbdAddress {
+            endpoint: Endpoint::Unix { socket },
+            export: String::new(),
+            tls: false,
+            tls_certificates: None,
+            tls_hostname: None,
+        };
+        let info = NbdStorage::connect(&address, false)
+            .expect("connect")
+            .info();
+        server.shutdown().expect("shutdown");
+        info.block.minimum
+    };
+    let open = |path: &Path| FileStorage::open_image(path, true).expect("open");
+    let served = ImageDevice::new(open(&device.device), SIZE).expect("device");
+    assert_eq!(minimum(Arc::new(served)), 4096, "a 4 KiB device");
+    let served = ImageDevice::new(open(&file), SIZE).expect("file");
+    assert_eq!(minimum(Arc::new(served)), 1, "a file");
+    let journal = dir.path().join("copy.journal");
+    let job = files::start(&journal, &file, &device.device, Config::default()).expect("start");
+    assert_eq!(
+        minimum(Arc::new(job.guest())),
+        4096,
+        "a file onto a 4 KiB device"
+    );
+    drop(job);
+}

@@ -8,6 +8,7 @@ mod double_fault;
 mod engine;
 mod engine_crash;
 mod export;
+mod export_map;
 mod fuzz_corpus;
 mod golden;
 mod golden_v2;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use livecopy::nbd::proto::{self, Request};
+use livecopy::nbd::structured as st;
 use livecopy::nbd::{ExportDevice, ServerHandle, bind_tcp, bind_unix};
 use livecopy::storage::{FileStorage, Storage};
 
@@ -785,8 +786,9 @@ fn handshake_greeting_and_transmission_flags() {
             | proto::TFLAG_SEND_FUA
             | proto::TFLAG_SEND_TRIM
             | proto::TFLAG_SEND_WRITE_ZEROES
+            | proto::TFLAG_SEND_FAST_ZERO
+            | proto::TFLAG_CAN_MULTI_CONN
     );
-    assert_eq!(tflags & proto::TFLAG_CAN_MULTI_CONN, 0);
 }
 
 #[test]
@@ -821,14 +823,7 @@ fn unsupported_and_malformed_options_keep_the_connection() {
     device.fill(0x42);
     let mut client = fx.connect();
     client.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
-    for option in [
-        proto::OPT_EXTENDED_HEADERS,
-        proto::OPT_STRUCTURED_REPLY,
-        proto::OPT_STARTTLS,
-        proto::OPT_SET_META_CONTEXT,
-        proto::OPT_LIST_META_CONTEXT,
-        0x7777,
-    ] {
+    for option in [proto::OPT_EXTENDED_HEADERS, proto::OPT_STARTTLS, 0x7777] {
         client.option(option, b"some data");
         let (header, _) = client.option_reply();
         assert_eq!(
@@ -836,6 +831,12 @@ fn unsupported_and_malformed_options_keep_the_connection() {
             (option, proto::REP_ERR_UNSUP)
         );
     }
+    // Meta contexts before structured replies; structured replies with data.
+    let query = livecopy::nbd::structured::encode_meta_context_request("", &[]);
+    client.option(proto::OPT_LIST_META_CONTEXT, &query);
+    assert_eq!(client.option_reply().0.reply, proto::REP_ERR_INVALID);
+    client.option(proto::OPT_STRUCTURED_REPLY, b"x");
+    assert_eq!(client.option_reply().0.reply, proto::REP_ERR_INVALID);
     // GO whose name runs past the data; LIST with data.
     client.option(proto::OPT_GO, &[0, 0, 0, 9, b'x']);
     assert_eq!(client.option_reply().0.reply, proto::REP_ERR_INVALID);
@@ -865,7 +866,7 @@ fn oversized_options_are_refused() {
     // Too long to keep, short enough to skip: TOO_BIG, and still in step.
     client.option(proto::OPT_GO, &vec![0u8; 100 << 10]);
     assert_eq!(client.option_reply().0.reply, proto::REP_ERR_TOO_BIG);
-    client.option(proto::OPT_STRUCTURED_REPLY, &[]);
+    client.option(proto::OPT_EXTENDED_HEADERS, &[]);
     assert_eq!(client.option_reply().0.reply, proto::REP_ERR_UNSUP);
     let (size, _) = client.go("");
     assert_eq!(size, MIB as u64);
@@ -909,7 +910,8 @@ fn export_name_with_and_without_zeroes() {
         let reply = client.recv_vec(10 + padding);
         // 1 MiB, big-endian.
         assert_eq!(reply[..8], [0, 0, 0, 0, 0, 0x10, 0, 0]);
-        assert_eq!(reply[8..10], [0, 0x6d]);
+        // Flush, FUA, trim, write zeroes, fast zero, multi-conn.
+        assert_eq!(reply[8..10], [0x09, 0x6d]);
         assert!(reply[10..].iter().all(|&b| b == 0));
         assert_eq!(client.read(3, 0, 4).unwrap(), [0x11; 4]);
     }
@@ -1205,4 +1207,231 @@ fn fua_is_accepted_on_every_command_once_advertised() {
     assert!(c.closed(), "a disconnect with FUA ends the connection");
     wait_for("the connection to end", || fx.handle().stats().active == 0);
     assert_eq!(fx.handle().stats().errors, 0);
+}
+
+// ------------------------------------------------- structured replies
+
+impl RawClient {
+    /// Negotiates structured replies and, with `allocation`, selects
+    /// `base:allocation`, then GO; returns the context id (0 without).
+    fn structured(path: &Path, allocation: bool) -> (RawClient, u32) {
+        let mut c = RawClient::connect(path);
+        c.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
+        c.option(proto::OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(c.option_reply().0.reply, proto::REP_ACK);
+        let mut id = 0;
+        if allocation {
+            let query = st::encode_meta_context_request("", &[st::BASE_ALLOCATION]);
+            c.option(proto::OPT_SET_META_CONTEXT, &query);
+            let (header, data) = c.option_reply();
+            assert_eq!(header.reply, st::REP_META_CONTEXT);
+            let (got, name) = st::parse_rep_meta_context(&data).expect("context");
+            assert_eq!(name, st::BASE_ALLOCATION);
+            id = got;
+            assert_eq!(c.option_reply().0.reply, proto::REP_ACK);
+        }
+        let (_, flags) = c.go("");
+        assert_ne!(flags & proto::TFLAG_SEND_DF, 0);
+        (c, id)
+    }
+
+    /// One structured chunk: header and payload.
+    fn chunk(&mut self) -> (st::ChunkHeader, Vec<u8>) {
+        let header = st::parse_chunk_header(&self.recv()).expect("a structured chunk");
+        let payload = self.recv_vec(header.length as usize);
+        (header, payload)
+    }
+}
+
+/// With structured replies: a read is one data chunk, a zero-length read a
+/// NONE chunk, a failed read an error chunk with a message; BLOCK_STATUS
+/// answers for the selected context, one extent with REQ_ONE, and EINVAL
+/// without a context; other successes stay simple replies.
+#[test]
+fn structured_replies_for_reads_errors_and_block_status() {
+    let (fx, device) = serve_mem(MIB);
+    device.fill(0x5a);
+    let (mut c, id) = RawClient::structured(&fx.socket, true);
+    c.request(proto::Command::Read, 0, 1, 4096, 8);
+    let (header, payload) = c.chunk();
+    assert_eq!(
+        (header.kind, header.done(), header.handle),
+        (st::REPLY_TYPE_OFFSET_DATA, true, 1)
+    );
+    assert_eq!(st::parse_offset_data(&payload), Ok((4096, &[0x5a; 8][..])));
+    c.request(proto::Command::Read, 0, 2, 0, 0);
+    let (header, _) = c.chunk();
+    assert_eq!((header.kind, header.done()), (st::REPLY_TYPE_NONE, true));
+    c.request(proto::Command::Read, 0, 3, MIB as u64, 1);
+    let (header, payload) = c.chunk();
+    assert_eq!((header.kind, header.done()), (st::REPLY_TYPE_ERROR, true));
+    let error = st::parse_error_chunk(header.kind, &payload).expect("error chunk");
+    assert_eq!(error.error, proto::EINVAL);
+    assert!(error.message.contains("beyond the end"), "{error:?}");
+
+    c.request(proto::Command::BlockStatus, 0, 4, 0, 65536);
+    let (header, payload) = c.chunk();
+    assert_eq!(
+        (header.kind, header.done()),
+        (st::REPLY_TYPE_BLOCK_STATUS, true)
+    );
+    let (got, extents) = st::parse_block_status(&payload).expect("block status");
+    assert_eq!(got, id);
+    assert_eq!(
+        extents,
+        [st::Extent {
+            length: 65536,
+            flags: 0
+        }]
+    );
+    c.request(
+        proto::Command::BlockStatus,
+        proto::CMD_FLAG_REQ_ONE,
+        5,
+        0,
+        4096,
+    );
+    assert_eq!(
+        st::parse_block_status(&c.chunk().1).expect("one").1.len(),
+        1
+    );
+    c.request(proto::Command::BlockStatus, 0, 6, MIB as u64 - 1, 2);
+    assert_eq!(c.chunk().0.kind, st::REPLY_TYPE_ERROR);
+
+    assert_eq!(c.write(7, 0, b"ok"), 0, "a write's success: a simple reply");
+
+    let (mut plain, _) = RawClient::structured(&fx.socket, false);
+    plain.request(proto::Command::BlockStatus, 0, 8, 0, 4096);
+    let (header, payload) = plain.chunk();
+    assert_eq!(header.kind, st::REPLY_TYPE_ERROR);
+    assert_eq!(
+        st::parse_error_chunk(header.kind, &payload).unwrap().error,
+        proto::EINVAL
+    );
+}
+
+/// LIST_META_CONTEXT lists `base:allocation` for no query and for `base:`,
+/// nothing for another namespace; a SET that matches nothing selects
+/// nothing; meta contexts for another export are refused.
+#[test]
+fn meta_contexts_are_listed_and_selected() {
+    let (fx, _device) = serve_mem(MIB);
+    let mut c = RawClient::connect(&fx.socket);
+    c.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
+    c.option(proto::OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().0.reply, proto::REP_ACK);
+    let mut ask = |option: u32, export: &str, queries: &[&str]| {
+        c.option(option, &st::encode_meta_context_request(export, queries));
+        let mut names = Vec::new();
+        loop {
+            let (header, data) = c.option_reply();
+            match header.reply {
+                st::REP_META_CONTEXT => names.push(st::parse_rep_meta_context(&data).unwrap().1),
+                proto::REP_ACK => return Ok(names),
+                other => return Err(other),
+            }
+        }
+    };
+    let allocation = vec![st::BASE_ALLOCATION.to_string()];
+    assert_eq!(
+        ask(proto::OPT_LIST_META_CONTEXT, "", &[]),
+        Ok(allocation.clone())
+    );
+    assert_eq!(
+        ask(proto::OPT_LIST_META_CONTEXT, "", &["base:"]),
+        Ok(allocation.clone())
+    );
+    assert_eq!(
+        ask(proto::OPT_LIST_META_CONTEXT, "", &["qemu:dirty-bitmap:x"]),
+        Ok(vec![])
+    );
+    assert_eq!(ask(proto::OPT_SET_META_CONTEXT, "", &["base:"]), Ok(vec![]));
+    assert_eq!(
+        ask(proto::OPT_SET_META_CONTEXT, "other", &[st::BASE_ALLOCATION]),
+        Err(proto::REP_ERR_UNKNOWN)
+    );
+    assert_eq!(
+        ask(proto::OPT_SET_META_CONTEXT, "", &[st::BASE_ALLOCATION]),
+        Ok(allocation)
+    );
+}
+
+/// FAST_ZERO is advertised; a device whose zeroing may be slow refuses it
+/// at once with ENOTSUP, touching nothing, and zeroes without the flag.
+#[test]
+fn fast_zero_is_refused_when_zeroing_may_be_slow() {
+    let (fx, device) = serve_mem(MIB);
+    device.fill(0x33);
+    let (mut c, _, flags) = RawClient::transmission(&fx.socket);
+    assert_ne!(flags & proto::TFLAG_SEND_FAST_ZERO, 0);
+    c.request(
+        proto::Command::WriteZeroes,
+        proto::CMD_FLAG_FAST_ZERO,
+        1,
+        0,
+        4096,
+    );
+    assert_eq!(c.reply().error, proto::ENOTSUP);
+    assert_eq!(device.bytes(0, 4096), vec![0x33; 4096]);
+    assert!(
+        !device
+            .log()
+            .iter()
+            .any(|op| matches!(op, Op::Zeroes { .. }))
+    );
+    c.request(proto::Command::WriteZeroes, 0, 2, 0, 4096);
+    assert_eq!(c.reply().error, 0);
+    assert_eq!(device.bytes(0, 4096), vec![0; 4096]);
+}
+
+/// A device with 4 KiB blocks whose size is a multiple of 512 only: the
+/// advertised minimum is what divides the size, so the tail stays
+/// reachable.
+#[test]
+fn the_minimum_block_size_divides_the_export_size() {
+    struct Blocks(Arc<MemDevice>, u32);
+    impl ExportDevice for Blocks {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read(&self, offset: u64, buf: &mut [u8]) -> livecopy::Result<()> {
+            self.0.read(offset, buf)
+        }
+        fn write(&self, offset: u64, data: &[u8], fua: bool) -> livecopy::Result<()> {
+            self.0.write(offset, data, fua)
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> livecopy::Result<()> {
+            self.0.write_zeroes(offset, len, fua)
+        }
+        fn trim(&self, offset: u64, len: u64) -> livecopy::Result<()> {
+            self.0.trim(offset, len)
+        }
+        fn flush(&self) -> livecopy::Result<()> {
+            self.0.flush()
+        }
+        fn block_size(&self) -> u32 {
+            self.1
+        }
+    }
+    for (size, block, want) in [
+        (3 * 4096 + 512, 4096, 512),
+        (8 * 4096, 4096, 4096),
+        (8 * 4096, 1 << 20, 32 << 10),
+        (1 << 20, 1, 1),
+    ] {
+        let fx = serve(Arc::new(Blocks(MemDevice::new(size), block)), "");
+        let mut c = fx.connect();
+        c.greet(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
+        let go = proto::encode_info_request("", &[proto::INFO_BLOCK_SIZE]).unwrap();
+        c.option(proto::OPT_GO, &go);
+        let sizes = loop {
+            let (header, data) = c.option_reply();
+            if header.reply == proto::REP_INFO && data[..2] == [0, 3] {
+                break st::parse_info_block_size(&data).expect("block sizes");
+            }
+            assert_ne!(header.reply, proto::REP_ACK, "no block sizes");
+        };
+        assert_eq!(sizes.minimum, want, "size {size}, device blocks {block}");
+        assert!(sizes.preferred >= sizes.minimum);
+    }
 }

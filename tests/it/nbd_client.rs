@@ -302,7 +302,8 @@ fn the_client_reads_and_writes_through_nbdkit_and_our_own_server() {
     drop(storage);
     drop(server);
 
-    // Our own server: simple replies only, no block status.
+    // Our own server: structured replies and block status, both ends
+    // sharing the codec.
     let image = dir.path().join("ours.img");
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(SIZE))
@@ -317,12 +318,23 @@ fn the_client_reads_and_writes_through_nbdkit_and_our_own_server() {
         .expect("bind")
         .spawn();
     let storage = NbdStorage::connect(&unix_address(&ours, ""), true).expect("connect");
-    assert!(!storage.info().structured);
+    let info = storage.info();
+    assert!(info.structured && info.allocation.is_some(), "{info:?}");
+    assert!(info.flags & proto::TFLAG_CAN_MULTI_CONN != 0, "{info:?}");
     let model = exercise(&storage, "copyctl's server");
+    // The export's data ranges are the image's, as SEEK_DATA sees them.
+    let file = livecopy::storage::FileStorage::open_image(&image, false).expect("open");
+    let mut seek = Vec::new();
+    let mut at = 0;
+    while let Some(r) = file.next_data(at).expect("SEEK_DATA") {
+        seek.push((r.start, r.end));
+        at = r.end;
+    }
+    assert!(seek.len() >= 2, "holes between the writes: {seek:?}");
     assert_eq!(
         data_ranges(&storage),
-        vec![(0, SIZE)],
-        "no block status: all data"
+        seek,
+        "block status against SEEK_DATA"
     );
     drop(storage);
     handle.shutdown().expect("shutdown");

@@ -299,7 +299,7 @@ impl Connection {
                 "no base:allocation on this connection",
             )));
         };
-        let command = Command::Other(st::CMD_BLOCK_STATUS);
+        let command = Command::BlockStatus;
         let expect = Expect::Status { context };
         let waiter = self.send(command, 0, offset, length, None, expect, false)?;
         if waiter.extents.is_empty() {
