@@ -106,7 +106,9 @@ impl<S: Storage + 'static, J: Storage + 'static> Controller for JobController<S,
         Ok(json!({"pause_ms": report.pause.as_secs_f64() * 1e3, "seq": report.seq}))
     }
     fn complete(&self) -> Result<Value> {
-        Ok(json!({"seq": self.job.complete()?}))
+        let already = self.job.status().phase == crate::engine::JobPhase::Completed;
+        let seq = self.job.complete()?;
+        Ok(json!({"seq": seq, "already_completed": already}))
     }
     fn abort(&self) -> Result<Value> {
         Ok(json!({"seq": self.job.abort()?}))
@@ -158,6 +160,9 @@ impl<J: Storage + 'static> Controller for JournalController<J> {
     fn complete(&self) -> Result<Value> {
         let mut journal = self.journal();
         let phase = journal.record().phase;
+        if phase == crate::journal::Phase::Completed {
+            return Ok(json!({"seq": journal.seq(), "already_completed": true}));
+        }
         if phase != crate::journal::Phase::Switched {
             return Err(crate::Error::InvalidInput(format!(
                 "complete needs a switched job; it is {}",
@@ -165,7 +170,8 @@ impl<J: Storage + 'static> Controller for JournalController<J> {
             )));
         }
         let copied = journal.record().bytes_copied;
-        Ok(json!({"seq": journal.commit(crate::journal::Phase::Completed, copied)?}))
+        let seq = journal.commit(crate::journal::Phase::Completed, copied)?;
+        Ok(json!({"seq": seq, "already_completed": false}))
     }
     fn abort(&self) -> Result<Value> {
         self.switch()

@@ -90,6 +90,10 @@ impl Drop for WriteThrough<'_> {
     }
 }
 
+/// Copy or busy workers a job may have: each is a thread with a chunk
+/// buffer, and past a few the disk, not the count, sets the pace.
+pub const MAX_WORKERS: usize = 64;
+
 /// Tunables of a copy job.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -187,9 +191,21 @@ impl Config {
                 self.extent_size
             )));
         }
-        if self.copy_workers == 0 {
+        if self.copy_workers == 0 || self.copy_workers > MAX_WORKERS {
+            return Err(Error::InvalidInput(format!(
+                "{} copy workers: from 1 to {MAX_WORKERS}",
+                self.copy_workers
+            )));
+        }
+        if self.busy_workers > MAX_WORKERS {
+            return Err(Error::InvalidInput(format!(
+                "{} busy workers: at most {MAX_WORKERS}",
+                self.busy_workers
+            )));
+        }
+        if self.bandwidth == Some(0) {
             return Err(Error::InvalidInput(
-                "at least one copy worker is needed".into(),
+                "a bandwidth of 0 would never copy anything".into(),
             ));
         }
         Ok(())
@@ -771,30 +787,47 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
     }
 
     /// Starts the copy worker threads; they run the bulk pass, honour the
-    /// bandwidth limit, and make way for guest requests.
-    pub fn start_workers(&mut self) {
+    /// bandwidth limit, and make way for guest requests. When the system
+    /// refuses a thread, the job fails (the threads already started end)
+    /// and the error says so: the copy cannot go on without them.
+    pub fn start_workers(&mut self) -> Result<()> {
         // Before the workers, which queue every range they copy.
         self.shared.write_back.enable();
-        for n in 0..self.shared.config.copy_workers {
-            let shared = Arc::clone(&self.shared);
-            let handle = std::thread::Builder::new()
-                .name(format!("livecopy-copy-{n}"))
-                .spawn(move || copier::run(&shared, n))
-                .expect("spawn a copy worker");
-            self.workers.push(handle);
+        #[derive(Clone, Copy)]
+        enum Thread {
+            Copy(usize),
+            WriteBack,
+            Checkpoint,
         }
-        let shared = Arc::clone(&self.shared);
-        let handle = std::thread::Builder::new()
-            .name("livecopy-write-back".into())
-            .spawn(move || write_back::run(&shared))
-            .expect("spawn the write-back thread");
-        self.workers.push(handle);
-        let shared = Arc::clone(&self.shared);
-        let handle = std::thread::Builder::new()
-            .name("livecopy-checkpoint".into())
-            .spawn(move || intent::run(&shared))
-            .expect("spawn the checkpoint thread");
-        self.workers.push(handle);
+        let threads = (0..self.shared.config.copy_workers)
+            .map(Thread::Copy)
+            .chain([Thread::WriteBack, Thread::Checkpoint]);
+        for thread in threads {
+            let name = match thread {
+                Thread::Copy(n) => format!("livecopy-copy-{n}"),
+                Thread::WriteBack => "livecopy-write-back".into(),
+                Thread::Checkpoint => "livecopy-checkpoint".into(),
+            };
+            let shared = Arc::clone(&self.shared);
+            let spawned =
+                std::thread::Builder::new()
+                    .name(name.clone())
+                    .spawn(move || match thread {
+                        Thread::Copy(n) => copier::run(&shared, n),
+                        Thread::WriteBack => write_back::run(&shared),
+                        Thread::Checkpoint => intent::run(&shared),
+                    });
+            match spawned {
+                Ok(handle) => self.workers.push(handle),
+                Err(e) => {
+                    let error = Error::io("spawn a worker thread", e);
+                    self.shared
+                        .fail_engine(format!("could not start {name}: {}", error.describe()));
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Makes the copy's progress durable now: syncs both images and
@@ -1030,6 +1063,10 @@ impl<S: Storage + 'static, J: Storage + 'static> Job<S, J> {
     pub fn complete(&self) -> Result<u64> {
         let shared = &self.shared;
         let mut journal = lock(&shared.journal);
+        if shared.phase() == JobPhase::Completed {
+            // Idempotent, for a manager that retries: nothing left to do.
+            return Ok(journal.seq());
+        }
         if shared.phase() != JobPhase::Switched {
             return Err(Error::InvalidInput(format!(
                 "complete needs a switched job; it is {}",

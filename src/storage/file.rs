@@ -128,19 +128,27 @@ impl FileStorage {
     /// Opens an image (following symlinks: images often live behind
     /// `/dev/disk/by-id` links) for reading, or reading and writing.
     pub fn open_image(path: &Path, writable: bool) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: opening a FIFO (or a tty) would otherwise wait for a
+        // peer for ever before the type check below could refuse it.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)
-            .map_err(|e| Error::io_at("open", path, e))?;
+            .map_err(|e| match e.raw_os_error() {
+                // A FIFO opened for writing with no reader.
+                Some(libc::ENXIO) => not_an_image(path),
+                _ => Error::io_at("open", path, e),
+            })?;
         let meta = file.metadata().map_err(|e| Error::io_at("stat", path, e))?;
         let is_block_device = meta.file_type().is_block_device();
         if !meta.is_file() && !is_block_device {
-            return Err(Error::InvalidInput(format!(
-                "{} is neither a regular file nor a block device",
-                path.display()
-            )));
+            return Err(not_an_image(path));
         }
+        let flags = rfs::fcntl_getfl(&file).map_err(|e| Error::io_at("fcntl", path, to_io(e)))?;
+        rfs::fcntl_setfl(&file, flags - OFlags::NONBLOCK)
+            .map_err(|e| Error::io_at("fcntl", path, to_io(e)))?;
         let discard_unit = if is_block_device {
             u64::from(
                 rfs::ioctl_blksszget(&file)
@@ -572,7 +580,13 @@ pub fn create_new_file_atomically(
         OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o600),
     )
-    .map_err(|e| Error::io_at("create", &temp_path, to_io(e)))?;
+    .map_err(|e| match e {
+        // Name what is missing, not the temporary file.
+        rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR => {
+            Error::io_at("open the directory (it does not exist)", &dir, to_io(e))
+        }
+        _ => Error::io_at("create", path, to_io(e)),
+    })?;
     let storage = FileStorage {
         file: File::from(fd),
         path: temp_path.clone(),
@@ -607,8 +621,61 @@ pub fn create_new_file_atomically(
     })
 }
 
+/// A file a command created, removed again when the command fails before
+/// the file is in use (dropped without [`keep`](CreatedFile::keep)):
+/// refusals leave nothing behind. Only the very file created goes: if the
+/// path names another file by then, it stays.
+#[derive(Debug)]
+pub struct CreatedFile {
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
+}
+
+impl CreatedFile {
+    /// Takes charge of `path`, just created by this process.
+    pub fn claim(path: &Path) -> Result<CreatedFile> {
+        let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io_at("stat", path, e))?;
+        Ok(CreatedFile {
+            path: path.to_path_buf(),
+            identity: Some((meta.dev(), meta.ino())),
+        })
+    }
+
+    /// The file stays.
+    pub fn keep(mut self) {
+        self.identity = None;
+    }
+}
+
+impl Drop for CreatedFile {
+    fn drop(&mut self) {
+        if let Some(identity) = self.identity
+            && let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == identity
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn not_an_image(path: &Path) -> Error {
+    Error::InvalidInput(format!(
+        "{} is neither a regular file nor a block device",
+        path.display()
+    ))
+}
+
+/// "already exists", saying what is there when it is not a regular file.
 fn already_exists(path: &Path) -> Error {
-    Error::InvalidInput(format!("{} already exists", path.display()))
+    let what = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => " (a directory)",
+        Ok(m) if m.file_type().is_fifo() => " (a FIFO)",
+        Ok(m) if m.file_type().is_socket() => " (a socket)",
+        Ok(m) if m.is_symlink() && std::fs::metadata(path).is_err() => " (a symlink to nothing)",
+        Ok(m) if m.is_symlink() => " (a symlink)",
+        _ => "",
+    };
+    Error::InvalidInput(format!("{} already exists{what}", path.display()))
 }
 
 /// The other atomic "create, never replace": link(2) fails with EEXIST

@@ -20,8 +20,8 @@ use std::ops::Range;
 
 pub use any::AnyImage;
 pub use file::{
-    FileStorage, ImageIdentity, JournalAccess, LockState, create_new_file_atomically, file_id,
-    stat_identity, sync_parent, write_backup_copy,
+    CreatedFile, FileStorage, ImageIdentity, JournalAccess, LockState, create_new_file_atomically,
+    file_id, stat_identity, sync_parent, write_backup_copy,
 };
 pub use location::{Endpoint, Location, NbdAddress};
 pub use nbd::{ExportInfo, NbdOptions, NbdStorage};

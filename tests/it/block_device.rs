@@ -91,7 +91,7 @@ fn an_unaligned_guest_discard_keeps_a_job_on_block_devices_ready() {
         let journal = dir.path().join("copy.journal");
         let mut job =
             files::start(&journal, &source, &destination, Config::default()).expect("start");
-        job.start_workers();
+        job.start_workers().expect("workers");
         assert_eq!(job.wait_ready(Duration::from_secs(60)), JobPhase::Ready);
         let guest = job.guest();
         guest

@@ -51,27 +51,27 @@ impl Drop for Held {
 }
 
 /// Exit codes, as src/bin/copyctl/exit.rs defines them.
-const OK: i32 = 0;
-const USAGE: i32 = 2;
-const NEEDS_OPERATOR: i32 = 3;
-const CORRUPT: i32 = 4;
-const MISSING: i32 = 5;
-const LOCKED: i32 = 6;
-const UNSUPPORTED: i32 = 7;
-const BAD_INPUT: i32 = 9;
+pub(crate) const OK: i32 = 0;
+pub(crate) const USAGE: i32 = 2;
+pub(crate) const NEEDS_OPERATOR: i32 = 3;
+pub(crate) const CORRUPT: i32 = 4;
+pub(crate) const MISSING: i32 = 5;
+pub(crate) const LOCKED: i32 = 6;
+pub(crate) const UNSUPPORTED: i32 = 7;
+pub(crate) const BAD_INPUT: i32 = 9;
 /// What a Rust program exits with when it panics.
-const PANIC: i32 = 101;
+pub(crate) const PANIC: i32 = 101;
 
 const SOURCE_LEN: u64 = 3 * 4096;
 const DESTINATION_LEN: u64 = 5 * 4096;
 
 /// A fresh temporary directory to run `copyctl` in.
-struct Dir {
-    root: PathBuf,
+pub(crate) struct Dir {
+    pub(crate) root: PathBuf,
     _tmp: TempDir,
 }
 
-fn setup() -> Dir {
+pub(crate) fn setup() -> Dir {
     let tmp = tempfile::tempdir().expect("create temporary directory");
     let root = fs::canonicalize(tmp.path()).expect("canonicalize temporary directory");
     Dir { root, _tmp: tmp }
@@ -79,12 +79,12 @@ fn setup() -> Dir {
 
 impl Dir {
     /// An absolute path in the directory.
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
 
     /// Writes `bytes` to `name`, returning its path.
-    fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
+    pub(crate) fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let path = self.path(name);
         fs::write(&path, bytes).expect("write test file");
         path
@@ -130,7 +130,7 @@ impl Dir {
     }
 
     /// A journal file advanced to `phase`, closed (unlocked).
-    fn journal(&self, name: &str, phase: Phase) -> PathBuf {
+    pub(crate) fn journal(&self, name: &str, phase: Phase) -> PathBuf {
         drop(self.open_journal(name, phase));
         self.path(name)
     }
@@ -152,7 +152,7 @@ impl Dir {
     }
 
     /// Every file name in the directory, sorted.
-    fn listing(&self) -> Vec<String> {
+    pub(crate) fn listing(&self) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(&self.root)
             .expect("list temporary directory")
             .map(|e| {
@@ -167,16 +167,16 @@ impl Dir {
     }
 }
 
-fn s(path: &Path) -> &str {
+pub(crate) fn s(path: &Path) -> &str {
     path.to_str().expect("temporary paths are UTF-8")
 }
 
 /// What one run of `copyctl` printed.
 #[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// Starts `copyctl args` in `dir` with the given stdout and stderr.
@@ -196,7 +196,7 @@ fn spawn(dir: &Dir, args: &[&str], out: Stdio, err: Stdio) -> Child {
 /// Runs `copyctl args` in `dir`; asserts only that it exited rather than
 /// died of a signal, and did not panic.
 #[track_caller]
-fn run(dir: &Dir, args: &[&str]) -> Run {
+pub(crate) fn run(dir: &Dir, args: &[&str]) -> Run {
     let output = spawn(dir, args, Stdio::piped(), Stdio::piped())
         .wait_with_output()
         .expect("run copyctl");
@@ -216,7 +216,7 @@ fn run(dir: &Dir, args: &[&str]) -> Run {
 
 /// Runs `copyctl args` in `dir` and asserts it exits with `code`.
 #[track_caller]
-fn check(dir: &Dir, args: &[&str], code: i32) -> Run {
+pub(crate) fn check(dir: &Dir, args: &[&str], code: i32) -> Run {
     let run = run(dir, args);
     assert_eq!(
         run.code, code,
@@ -227,7 +227,7 @@ fn check(dir: &Dir, args: &[&str], code: i32) -> Run {
 }
 
 #[track_caller]
-fn assert_stdout_contains(run: &Run, needle: &str) {
+pub(crate) fn assert_stdout_contains(run: &Run, needle: &str) {
     assert!(
         run.stdout.contains(needle),
         "stdout lacks {needle:?}:\n{}\n--- stderr\n{}",
@@ -237,7 +237,7 @@ fn assert_stdout_contains(run: &Run, needle: &str) {
 }
 
 #[track_caller]
-fn assert_stderr_contains(run: &Run, needle: &str) {
+pub(crate) fn assert_stderr_contains(run: &Run, needle: &str) {
     assert!(
         run.stderr.contains(needle),
         "stderr lacks {needle:?}:\n{}\n--- stdout\n{}",
@@ -247,7 +247,7 @@ fn assert_stderr_contains(run: &Run, needle: &str) {
 }
 
 #[track_caller]
-fn assert_stdout_empty(run: &Run) {
+pub(crate) fn assert_stdout_empty(run: &Run) {
     assert_eq!(
         run.stdout, "",
         "stdout should be empty; stderr:\n{}",
@@ -256,7 +256,7 @@ fn assert_stdout_empty(run: &Run) {
 }
 
 #[track_caller]
-fn assert_stderr_empty(run: &Run) {
+pub(crate) fn assert_stderr_empty(run: &Run) {
     assert_eq!(
         run.stderr, "",
         "stderr should be empty; stdout:\n{}",
@@ -266,7 +266,7 @@ fn assert_stderr_empty(run: &Run) {
 
 /// stdout parsed as the one JSON value `--output json` promises.
 #[track_caller]
-fn json(run: &Run) -> Value {
+pub(crate) fn json(run: &Run) -> Value {
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| {
         panic!(
             "stdout is not JSON ({e}):\n{}\n--- stderr\n{}",

@@ -171,7 +171,7 @@ fn copy_refuses_bad_input_without_touching_anything() {
         &p("src.img"),
         &p("d6.img"),
     ]);
-    assert_eq!(run.code, 9, "{}", run.stderr);
+    assert_eq!(run.code, 2, "a usage error: {}", run.stderr);
     assert!(run.stderr.contains("busy"), "{}", run.stderr);
     assert!(!dir.path().join("j6").exists());
     assert!(!dir.path().join("d6.img").exists());

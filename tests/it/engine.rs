@@ -646,7 +646,7 @@ fn threaded_guests_on_real_files_end_with_a_destination_equal_to_the_model() {
             ops.load(Ordering::Acquire)
         };
         let before_copy = at_least(40);
-        job.start_workers();
+        job.start_workers().expect("workers");
         assert_eq!(job.wait_ready(timeout), JobPhase::Ready);
         let at_ready = ops.load(Ordering::Acquire);
         let at_ready = at_least(at_ready + 40);
@@ -1078,11 +1078,10 @@ fn requests_out_of_order_are_refused_and_change_nothing() {
         s.job.abort().expect_err("abort after complete").kind(),
         ErrorKind::InvalidInput
     );
-    assert_eq!(
-        s.job.complete().expect_err("a second complete").kind(),
-        ErrorKind::InvalidInput
-    );
+    // A second complete is idempotent: the same record, nothing written.
+    let seq = s.job.complete().expect("a second complete");
     assert_eq!(s.ops(), before);
+    assert_eq!(seq, s.recovered().seq);
     assert_eq!(s.recovered().record.phase, Phase::Completed);
 }
 
@@ -1262,7 +1261,7 @@ fn the_bandwidth_limit_slows_the_copy() {
     // bounds on time are checked: elapsed is read after the counter.
     let burst = WORKERS as f64 * CHUNK as f64;
     let started = Instant::now();
-    job.start_workers();
+    job.start_workers().expect("workers");
     let mut samples = 0;
     loop {
         let status = job.status();
@@ -1581,7 +1580,7 @@ fn a_failed_write_back_of_the_destination_aborts_the_job_before_the_switch() {
     let mut job =
         Job::new(journal, source.clone(), destination.clone(), sim_config()).expect("Job::new");
     let events = job.subscribe();
-    job.start_workers();
+    job.start_workers().expect("workers");
     // The write-back thread meets the error as the pass goes (the job may
     // abort before it is Ready), or the switch does when it drains what is
     // left: either way no switch.
@@ -1726,7 +1725,7 @@ fn the_guests_cached_writes_are_written_back_on_both_images_before_the_switch() 
     let journal = Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
     let mut job =
         Job::new(journal, source.clone(), destination.clone(), sim_config()).expect("Job::new");
-    job.start_workers();
+    job.start_workers().expect("workers");
     assert_eq!(job.wait_ready(Duration::from_secs(30)), JobPhase::Ready);
     let guest = job.guest();
     let written = [G..3 * G, 7 * G + 512..9 * G, SIZE - G..SIZE];
@@ -1766,7 +1765,7 @@ fn the_switch_ends_under_a_guest_writing_faster_than_the_write_back() {
     let journal = Journal::format(SimDisk::new(JOURNAL_LEN), UUID, first_record()).expect("format");
     let mut job =
         Job::new(journal, source.clone(), destination.clone(), sim_config()).expect("Job::new");
-    job.start_workers();
+    job.start_workers().expect("workers");
     assert_eq!(job.wait_ready(Duration::from_secs(30)), JobPhase::Ready);
     let guest = job.guest();
     let stop = AtomicBool::new(false);
@@ -1826,7 +1825,7 @@ fn the_pass_writes_around_the_cache_where_it_can_and_queues_the_rest() {
         let journal = Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
         let mut job =
             Job::new(journal, source.clone(), destination.clone(), sim_config()).expect("Job::new");
-        job.start_workers();
+        job.start_workers().expect("workers");
         assert_eq!(job.wait_ready(Duration::from_secs(30)), JobPhase::Ready);
         job.switch().expect("switch");
         let queued = destination.started.lock().unwrap().clone();
@@ -1852,7 +1851,7 @@ fn a_failed_write_back_of_the_source_stops_the_engine() {
     let journal = Journal::format(journal_disk.clone(), UUID, first_record()).expect("format");
     let mut job =
         Job::new(journal, source.clone(), destination.clone(), sim_config()).expect("Job::new");
-    job.start_workers();
+    job.start_workers().expect("workers");
     assert_eq!(job.wait_ready(Duration::from_secs(30)), JobPhase::Ready);
     source.fail_wait.store(true, Ordering::Release);
     let guest = job.guest();
@@ -1962,7 +1961,7 @@ fn ready_comes_under_a_guest_that_never_pauses() {
         });
         // Let the guest be busy before the pass starts.
         std::thread::sleep(Duration::from_millis(30));
-        job.start_workers();
+        job.start_workers().expect("workers");
         let phase = job.wait_ready(Duration::from_secs(60));
         stop.store(true, Ordering::Release);
         writer.join().expect("writer");

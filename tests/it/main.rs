@@ -2,6 +2,7 @@
 
 mod block_device;
 mod cli;
+mod cli_refusals;
 mod copy_cli;
 mod crash;
 mod double_fault;

@@ -107,7 +107,7 @@ fn concurrent_crash_resume_stress() {
         clock.crash_at(clock.ops() + crash);
         let mut job =
             Job::new(journal, source.clone(), destination.clone(), config()).expect("new");
-        job.start_workers();
+        job.start_workers().expect("workers");
         let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
             for w in 0..3u64 {

@@ -97,24 +97,58 @@ pub enum Command {
     DemoEngine(DemoEngineArgs),
 }
 
+/// A worker count: 1 to `MAX_WORKERS` (a usage error otherwise, before
+/// anything is created).
+fn workers(text: &str) -> Result<usize, String> {
+    let max = livecopy::engine::MAX_WORKERS;
+    match text.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{text:?} is not a number of workers from 1 to {max}"
+        )),
+    }
+}
+
+/// The demo's disk: a size of at least 4 MiB (a usage error otherwise).
+fn demo_size(text: &str) -> Result<u64, String> {
+    let size = crate::size::parse_size(text)?;
+    if size < 4 << 20 {
+        return Err(format!("{text:?} is too small: the demo needs at least 4M"));
+    }
+    Ok(size)
+}
+
+/// A TCP address to listen on: HOST:PORT that resolves (a usage error
+/// otherwise, before anything is created).
+fn tcp_address(text: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    match text.to_socket_addrs().map(|mut addrs| addrs.next()) {
+        Ok(Some(_)) => Ok(text.to_string()),
+        Ok(None) => Err(format!("{text:?} resolves to no address")),
+        Err(e) => Err(format!(
+            "{text:?} is not an address to listen on (HOST:PORT): {e}"
+        )),
+    }
+}
+
 /// Engine tuning shared by the commands that run a copy.
 #[derive(Debug, Args)]
 pub struct TuningArgs {
-    /// Bytes tracked by one dirty bit (K, M, G are powers of 1024).
+    /// Bytes tracked by one dirty bit (K, M, G, T, P are powers of 1024).
     #[arg(long, default_value = "64K", value_parser = crate::size::parse_size)]
     pub granularity: u64,
     /// Largest bulk-copy request.
     #[arg(long = "chunk", default_value = "1M", value_parser = crate::size::parse_size)]
     pub chunk_size: u64,
-    /// Bulk-copy requests in flight.
-    #[arg(long, default_value_t = 2)]
+    /// Bulk-copy requests in flight (1 to 64).
+    #[arg(long, default_value_t = 2, value_parser = workers)]
     pub workers: usize,
     /// Bulk-copy bandwidth limit per second (e.g. 100M); none by default.
     #[arg(long, value_parser = crate::size::parse_size)]
     pub bandwidth: Option<u64>,
     /// Bulk-copy requests in flight while the guest is busy (a request in
     /// the last 20 ms).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = workers)]
     pub busy_workers: usize,
     /// Largest bulk-copy request while the guest is busy.
     #[arg(long = "busy-chunk", default_value = "128K", value_parser = crate::size::parse_size)]
@@ -207,8 +241,8 @@ pub struct ManArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Size of the source image.
-    #[arg(long, default_value = "256M", value_parser = crate::size::parse_size)]
+    /// Size of the source image (at least 4M).
+    #[arg(long, default_value = "256M", value_parser = demo_size)]
     pub size: u64,
     /// Work in this (existing, empty) directory and keep it, instead of a
     /// temporary one.
@@ -324,7 +358,7 @@ pub struct ServeArgs {
     /// required (NBD_OPT_STARTTLS with --tls-creds; clients that do not
     /// start TLS are refused). Needs --tls-creds or
     /// --tcp-plaintext-insecure.
-    #[arg(long, requires = "tcp_security")]
+    #[arg(long, requires = "tcp_security", value_parser = tcp_address)]
     pub tcp: Option<String>,
     /// Serve --tcp in plain text: no encryption and no authentication, so
     /// anyone who reaches the port reads and writes the guest's disk. Only

@@ -14,8 +14,19 @@ use crate::size::human;
 
 fn request(socket: &Path, command: &str) -> anyhow::Result<Value> {
     let stream = UnixStream::connect(socket).map_err(|e| {
-        anyhow::Error::new(livecopy::Error::io_at("connect", socket, e))
-            .context("no engine answers there")
+        let why = match e.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                "the control socket belongs to another user: run this as the user that runs serve"
+            }
+            std::io::ErrorKind::NotFound => {
+                "no such socket: is serve running, with this --control?"
+            }
+            std::io::ErrorKind::ConnectionRefused => {
+                "nothing listens there: the serve that made it has stopped"
+            }
+            _ => "no engine answers there",
+        };
+        anyhow::Error::new(livecopy::Error::io_at("connect", socket, e)).context(why)
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut writer = stream.try_clone()?;
@@ -156,12 +167,18 @@ fn watching(args: &StatusArgs, out: Output) -> anyhow::Result<Exit> {
         let reply = request(&args.control, "status")?;
         let exit = exit_for(&reply);
         if exit != Exit::Ok {
-            emit(out, reply, "status refused\n")?;
+            match out {
+                Output::Human => eprintln!(
+                    "copyctl: status refused: {}",
+                    reply["error"]["message"].as_str().unwrap_or("?")
+                ),
+                Output::Json => emit(out, reply, "")?,
+            }
             return Ok(exit);
         }
         let result = &reply["result"];
         match (out, terminal) {
-            (Output::Json, _) => writeln!(stdout, "{result}")?,
+            (Output::Json, _) => writeln!(stdout, "{}", with_ok(result))?,
             (Output::Human, true) => write!(stdout, "\r\x1b[K{}", progress_line(result))?,
             (Output::Human, false) => writeln!(stdout, "{}", progress_line(result))?,
         }
@@ -220,6 +237,9 @@ pub fn run(
                 result["pause_ms"].as_f64().unwrap_or(f64::NAN),
                 result["seq"]
             ),
+            ControlCommand::Complete if result["already_completed"] == true => {
+                format!("already completed (journal seq {})\n", result["seq"])
+            }
             ControlCommand::Complete => {
                 format!("completed (journal seq {})\n", result["seq"])
             }
@@ -231,10 +251,23 @@ pub fn run(
             reply["error"]["message"].as_str().unwrap_or("?")
         )
     };
-    if exit == Exit::Ok {
-        emit(out, reply["result"].clone(), &human)?;
-    } else {
-        emit(out, reply, &human)?;
+    match (exit, out) {
+        (Exit::Ok, _) => emit(out, with_ok(&reply["result"]), &human)?,
+        // A refusal is an error for people (stderr) and a result for
+        // programs (the same envelope as a success: `ok` says which).
+        (_, Output::Human) => eprint!("copyctl: {human}"),
+        (_, Output::Json) => emit(out, reply, &human)?,
     }
     Ok(exit)
+}
+
+/// A successful result with `"ok": true` beside its fields, so that every
+/// JSON answer of a control command has `ok` (a refusal is `"ok": false`
+/// with an `error` object).
+fn with_ok(result: &serde_json::Value) -> serde_json::Value {
+    let mut result = result.clone();
+    if let Some(fields) = result.as_object_mut() {
+        fields.insert("ok".into(), true.into());
+    }
+    result
 }

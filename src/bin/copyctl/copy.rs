@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use livecopy::engine::{self, Config, JobPhase};
-use livecopy::storage::{self, AnyImage, FileStorage, Location, NbdOptions, Storage};
+use livecopy::storage::{self, AnyImage, CreatedFile, FileStorage, Location, NbdOptions, Storage};
 use serde_json::json;
 
 use crate::args::{CopyArgs, Output};
@@ -98,16 +98,60 @@ pub fn nbd_options(args: &crate::args::TuningArgs) -> NbdOptions {
     }
 }
 
+/// Refuses a new job's journal path before anything is created: a path
+/// that exists (saying when it holds a job, and what to do), or whose
+/// directory does not.
+pub fn check_new_journal(journal: &Path) -> anyhow::Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(journal) {
+        if meta.is_file() {
+            anyhow::bail!(livecopy::Error::InvalidInput(format!(
+                "{} already exists: it holds a job. `copyctl recover {0}` says where it \
+                 stands; `--resume` continues an unfinished one; remove it only once \
+                 its job is over",
+                journal.display()
+            )));
+        }
+        // Anything else: the library names what it is.
+        return Ok(());
+    }
+    let dir = match journal.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!(livecopy::Error::io_at(
+            "open the journal's directory",
+            dir,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+        ));
+    }
+    Ok(())
+}
+
+/// Warns about settings that work but are likely mistakes.
+pub fn warn_settings(config: &Config) {
+    if let Some(rate) = config.bandwidth
+        && rate < 1 << 20
+    {
+        tracing::warn!(
+            "--bandwidth {}/s: a 10 GiB disk would take {:.0} hours to copy",
+            human(rate),
+            (10u64 << 30) as f64 / rate as f64 / 3600.0
+        );
+    }
+}
+
 /// Creates a destination file when it does not exist yet, sized like the
-/// source. An existing destination (an export always exists) must hold no
-/// data unless `overwrite` says so: a mistyped journal path would otherwise
+/// source, and returns it in charge of the caller (removed unless kept).
+/// An existing destination (an export always exists) must hold no data
+/// unless `overwrite` says so: a mistyped journal path would otherwise
 /// start a new copy over what may be another job's only up-to-date image.
 pub fn ensure_destination(
     source: &Location,
     destination: &Location,
     options: &NbdOptions,
     overwrite: bool,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Option<CreatedFile>> {
     let exists = match destination {
         Location::Path(path) => storage::stat_identity(path)?.is_some(),
         Location::Nbd(_) => true,
@@ -123,10 +167,10 @@ pub fn ensure_destination(
                 )));
             }
         }
-        return Ok(false);
+        return Ok(None);
     }
     let Location::Path(destination) = destination else {
-        return Ok(false);
+        return Ok(None);
     };
     let size = match source {
         Location::Path(source) => {
@@ -141,20 +185,26 @@ pub fn ensure_destination(
             .map_err(|e| livecopy::Error::io("source size", e))?,
     };
     FileStorage::create_image(destination, size)?;
-    Ok(true)
+    Ok(Some(CreatedFile::claim(destination)?))
 }
 
 pub fn run(args: &CopyArgs, out: Output) -> anyhow::Result<Exit> {
     // Before the destination is created: a refused tuning leaves nothing.
     let config = config(&args.tuning);
     config.validate()?;
+    warn_settings(&config);
     let (source, destination) = (location(&args.source)?, location(&args.destination)?);
     let options = nbd_options(&args.tuning);
+    if !args.resume {
+        check_new_journal(&args.journal)?;
+    }
+    // Removed if the job does not start (locks, names, the journal).
     let created = if args.resume {
-        false
+        None
     } else {
         ensure_destination(&source, &destination, &options, args.overwrite_destination)?
     };
+    let destination_created = created.is_some();
     let started = Instant::now();
     let mut job = if args.resume {
         let copy = if args.restart_copy {
@@ -172,11 +222,16 @@ pub fn run(args: &CopyArgs, out: Output) -> anyhow::Result<Exit> {
     } else {
         engine::files::start_at(&args.journal, &source, &destination, config, &options)?
     };
+    if let Some(created) = created {
+        created.keep();
+    }
     let to_copy = job.status().to_copy;
     let size = job.status().size;
-    job.start_workers();
+    job.start_workers()?;
 
-    let bar = ProgressBar::with_draw_target(Some(size), indicatif::ProgressDrawTarget::stderr());
+    // The data to copy, not the disk: holes are skipped, so a bar over the
+    // whole size would stop part-way on a sparse source.
+    let bar = ProgressBar::with_draw_target(Some(to_copy), indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template(
             "{msg:8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -188,7 +243,7 @@ pub fn run(args: &CopyArgs, out: Output) -> anyhow::Result<Exit> {
     let phase = loop {
         let phase = job.wait_ready(Duration::from_millis(100));
         let status = job.status();
-        bar.set_position(status.bytes_copied.min(size));
+        bar.set_position(status.bytes_copied.min(to_copy));
         if phase != JobPhase::Copying {
             break phase;
         }
@@ -212,7 +267,7 @@ pub fn run(args: &CopyArgs, out: Output) -> anyhow::Result<Exit> {
     let json = json!({
         "source": args.source,
         "destination": args.destination,
-        "destination_created": created,
+        "destination_created": destination_created,
         "journal": args.journal,
         "size": size,
         "bytes_copied": status.bytes_copied,

@@ -20,11 +20,13 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -107,23 +109,126 @@ fn make_source(path: &Path, size: u64) -> anyhow::Result<u64> {
     Ok(data)
 }
 
+/// Processes the demo started and has not reaped: a signal kills them.
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// The directory the demo made (never one given with --dir): a signal
+/// removes it.
+static MADE: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// Set once a signal arrived: the demo's own errors from then on (its
+/// files vanish) are not its result.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+fn track(child: &Child) {
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(child.id());
+}
+
+fn untrack(child: &Child) {
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|&pid| pid != child.id());
+}
+
+/// On SIGINT or SIGTERM: kill the processes the demo started, remove the
+/// directory it made (`MADE`), and exit 128 + the signal, as a shell
+/// reports it.
+fn stop_on_signals() -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::Builder::new()
+        .name("demo-signals".into())
+        .spawn(move || {
+            let Some(signal) = signals.forever().next() else {
+                return;
+            };
+            STOPPING.store(true, Ordering::SeqCst);
+            for &pid in CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+            if let Some(dir) = &*MADE.lock().unwrap_or_else(|p| p.into_inner()) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            eprintln!("copyctl: demo stopped by signal {signal}; its processes and files are gone");
+            std::process::exit(128 + signal);
+        })?;
+    Ok(())
+}
+
+/// Free bytes in `dir` for an unprivileged writer.
+fn free_space(dir: &Path) -> anyhow::Result<u64> {
+    let fs = rustix::fs::statvfs(dir).map_err(|e| {
+        livecopy::Error::io_at(
+            "statvfs",
+            dir,
+            std::io::Error::from_raw_os_error(e.raw_os_error()),
+        )
+    })?;
+    Ok(fs.f_bavail.saturating_mul(fs.f_frsize))
+}
+
+/// `--dir` must be an existing, empty directory.
+fn check_dir(dir: &Path) -> anyhow::Result<()> {
+    let mut entries =
+        std::fs::read_dir(dir).map_err(|e| livecopy::Error::io_at("open --dir", dir, e))?;
+    if entries.next().is_some() {
+        anyhow::bail!(livecopy::Error::InvalidInput(format!(
+            "--dir {} is not empty: the demo works in an empty directory",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 pub fn run(args: &DemoArgs, out: Output) -> anyhow::Result<Exit> {
+    let result = demo(args, out);
+    if STOPPING.load(Ordering::SeqCst) {
+        // The signal thread ends the process once it has cleaned up.
+        loop {
+            std::thread::park();
+        }
+    }
+    result
+}
+
+fn demo(args: &DemoArgs, out: Output) -> anyhow::Result<Exit> {
+    // Before anything is made, so that no signal finds it unguarded.
+    stop_on_signals()?;
     let size = args.size / BLOCK * BLOCK;
-    anyhow::ensure!(size >= 4 * CHUNK, "the demo needs at least 4 MiB");
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
     }) | 1;
+    if let Some(dir) = &args.dir {
+        check_dir(dir)?;
+    }
     let temp;
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => {
+            let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
             temp = tempfile::tempdir().context("creating a temporary directory")?;
+            *made = Some(temp.path().to_path_buf());
             temp.path().to_path_buf()
         }
     };
+    // The source (three quarters data), the copy of it, and room to spare.
+    let needed = size / 4 * 3 * 2 + (64 << 20);
+    let free = free_space(&dir)?;
+    if free < needed {
+        anyhow::bail!(livecopy::Error::InvalidInput(format!(
+            "the demo needs about {} free in {}; {} is free (try a smaller --size)",
+            human(needed),
+            dir.display(),
+            human(free)
+        )));
+    }
     let (source, destination, journal, log) = paths(&dir);
     let data = make_source(&source, size)?;
     FileStorage::create_image(&destination, size)?;
@@ -144,11 +249,13 @@ pub fn run(args: &DemoArgs, out: Output) -> anyhow::Result<Exit> {
         if let Some(remote) = &remote {
             engine.args(["--dest-uri", &remote.uri]);
         }
-        engine
+        let child = engine
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("starting the engine process")
+            .context("starting the engine process")?;
+        track(&child);
+        Ok(child)
     };
     let crash_during_copy = if args.crash_during_copy {
         Some(crash_during_copy(
@@ -192,6 +299,7 @@ pub fn run(args: &DemoArgs, out: Output) -> anyhow::Result<Exit> {
     }
     child.kill().context("killing the engine")?;
     let status = child.wait()?;
+    untrack(&child);
     anyhow::ensure!(
         !status.success(),
         "the engine exited before it was killed: {status}"
@@ -339,6 +447,7 @@ fn crash_during_copy(
     }
     child.kill().context("killing the engine")?;
     let status = child.wait()?;
+    untrack(&child);
     anyhow::ensure!(
         !status.success(),
         "the engine exited before it was killed: {status}"
@@ -435,6 +544,8 @@ fn verify(log: &Path, image: &AnyImage, size: u64) -> anyhow::Result<Checked> {
 /// The child: runs the copy under a writing guest and reports events as
 /// JSON lines on stdout until it is killed.
 pub fn engine(args: &DemoEngineArgs) -> anyhow::Result<Exit> {
+    // Never outlive the demo, however it ends.
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
     let (source, destination, journal, log_path) = paths(&args.dir);
     let destination = match &args.dest_uri {
         Some(uri) => Location::parse(uri)?,
@@ -478,6 +589,7 @@ pub fn engine(args: &DemoEngineArgs) -> anyhow::Result<Exit> {
     let mut log = OpenOptions::new()
         .create_new(!args.resume)
         .append(true)
+        .mode(0o600)
         .open(&log_path)?;
     let seed = args.seed ^ u64::from(args.resume);
     // The run killed during the copy writes the first eighth of the disk,
@@ -532,7 +644,7 @@ pub fn engine(args: &DemoEngineArgs) -> anyhow::Result<Exit> {
             json!({"event": "resumed", "bytes_to_copy": status.to_copy, "size": status.size})
         )?;
     }
-    job.start_workers();
+    job.start_workers()?;
     loop {
         let phase = job.wait_ready(Duration::from_millis(50));
         if args.crash_during_copy {
@@ -613,6 +725,7 @@ impl RemoteDestination {
             .stderr(Stdio::null())
             .spawn()
             .context("starting qemu-storage-daemon (Debian: apt-get install qemu-utils)")?;
+        track(&daemon);
         let mut remote = RemoteDestination {
             daemon,
             uri: format!("nbd+unix:///disk0?socket={}", socket.display()),
@@ -638,6 +751,7 @@ impl RemoteDestination {
             rustix::process::Signal::TERM,
         )?;
         self.daemon.wait()?;
+        untrack(&self.daemon);
         Ok(())
     }
 }
@@ -646,5 +760,6 @@ impl Drop for RemoteDestination {
     fn drop(&mut self) {
         let _ = self.daemon.kill();
         let _ = self.daemon.wait();
+        untrack(&self.daemon);
     }
 }

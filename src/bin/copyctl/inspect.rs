@@ -33,12 +33,12 @@ pub fn run(args: &InspectArgs, out: Output) -> anyhow::Result<Exit> {
         "recovery": verdict,
     });
     let mut human = format!(
-        "{:<9} {:>6}  {:<11} {:<6} {:>5}  {:<10} {:<8}  {}\n",
+        "{:<9} {:>6}  {:<11} {:<9} {:>5}  {:<10} {:<8}  {}\n",
         "position", "offset", "class", "kind", "seq", "phase", "crc", "detail"
     );
     for b in &analysis.blocks {
         human.push_str(&format!(
-            "{:<9} {:>6}  {:<11} {:<6} {:>5}  {:<10} {:<8}  {}\n",
+            "{:<9} {:>6}  {:<11} {:<9} {:>5}  {:<10} {:<8}  {}\n",
             b.position.to_string(),
             b.position.offset(),
             b.class.name(),

@@ -30,7 +30,14 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
                 "refusal": output::refusal_json(refusal),
                 "decision": analysis.row,
             });
-            let human = format!("refused: {}\n  {}\n", refusal.reason.name(), refusal.detail);
+            let mut human = format!("refused: {}\n  {}\n", refusal.reason.name(), refusal.detail);
+            if refusal.reason == journal::RefusalReason::NeedsOperator {
+                human.push_str(&format!(
+                    "  an operator who knows which image the guest last wrote decides with\n  \
+                     `copyctl resolve {} --authority source|destination`\n",
+                    args.journal.display()
+                ));
+            }
             emit(out, json, &human)?;
             return Ok(Exit::of_refusal(refusal.reason));
         }
@@ -85,6 +92,13 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
     for warning in &warnings {
         warn(warning);
     }
+    // The verdict stands, but a guest cannot boot from an image that is
+    // gone: a manager acting on exit 0 would try.
+    let missing = match image {
+        journal::ImageRef::File(file) => storage::stat_identity(std::path::Path::new(&file.path))
+            .is_ok_and(|found| found.is_none()),
+        journal::ImageRef::Export(_) => false,
+    };
 
     let json = json!({
         "journal": args.journal,
@@ -100,6 +114,7 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
         "repairable": output::repairs_json(if args.no_repair { &recovered.repairs } else { &[] }),
         "backup": backup,
         "warnings": warnings,
+        "image_missing": missing,
     });
     let mut human = format!(
         "authoritative: {}\nimage:         {} ({} bytes)\nphase:         {} (seq {}, writer epoch {})\n",
@@ -138,6 +153,11 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
             human.push_str(&format!("repairable:    {} from {}\n", r.target, r.source));
         }
     }
+    if missing {
+        human.push_str(
+            "missing:       the image does not exist (exit 5): restore it before booting\n",
+        );
+    }
     emit(out, json, &human)?;
-    Ok(Exit::Ok)
+    Ok(if missing { Exit::Missing } else { Exit::Ok })
 }

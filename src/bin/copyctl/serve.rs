@@ -15,7 +15,7 @@ use livecopy::engine::files;
 use livecopy::export::ImageDevice;
 use livecopy::journal::{self, Journal, Phase, Side};
 use livecopy::nbd::{self, ExportDevice};
-use livecopy::storage::{self, JournalAccess, Storage};
+use livecopy::storage::{self, CreatedFile, JournalAccess, Storage};
 use serde_json::json;
 
 use crate::args::{Output, ServeArgs};
@@ -32,6 +32,9 @@ struct Plan {
     image: String,
     /// Keeps the job (and its workers) alive while serving.
     _job: Option<Arc<files::FileJob>>,
+    /// What a new job created (journal, destination): removed if serving
+    /// fails to start, after the job is gone (fields drop in order).
+    created: Vec<CreatedFile>,
 }
 
 fn new_job(args: &ServeArgs) -> anyhow::Result<Plan> {
@@ -40,14 +43,25 @@ fn new_job(args: &ServeArgs) -> anyhow::Result<Plan> {
     config.validate()?;
     let source = crate::copy::location(&args.source)?;
     let destination = crate::copy::location(&args.destination)?;
+    crate::copy::warn_settings(&config);
     let options = crate::copy::nbd_options(&args.tuning);
-    crate::copy::ensure_destination(&source, &destination, &options, args.overwrite_destination)?;
+    crate::copy::check_new_journal(&args.journal)?;
+    let mut created = Vec::new();
+    created.extend(crate::copy::ensure_destination(
+        &source,
+        &destination,
+        &options,
+        args.overwrite_destination,
+    )?);
     let job = files::start_at(&args.journal, &source, &destination, config, &options)?;
-    running(job, source.to_string())
+    created.push(CreatedFile::claim(&args.journal)?);
+    let mut plan = running(job, source.to_string())?;
+    plan.created = created;
+    Ok(plan)
 }
 
 fn running(mut job: files::FileJob, source: String) -> anyhow::Result<Plan> {
-    job.start_workers();
+    job.start_workers()?;
     let job = Arc::new(job);
     Ok(Plan {
         device: Arc::new(job.guest()),
@@ -56,6 +70,7 @@ fn running(mut job: files::FileJob, source: String) -> anyhow::Result<Plan> {
         authoritative: Side::Source,
         image: source,
         _job: Some(job),
+        created: Vec::new(),
     })
 }
 
@@ -131,6 +146,7 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
         authoritative,
         image: image.name().to_string(),
         _job: None,
+        created: Vec::new(),
     }))
 }
 
@@ -170,11 +186,22 @@ fn server_tls(args: &ServeArgs) -> anyhow::Result<Option<nbd::tls::ServerTls>> {
 pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
     // Check the socket paths before anything is created, so that a typo in
     // them does not leave a new job behind.
+    // From the start, so that a signal during start-up is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     livecopy::socket::check_bindable(&args.socket)?;
     livecopy::socket::check_bindable(&args.control)?;
+    if args.socket == args.control {
+        anyhow::bail!(livecopy::Error::InvalidInput(format!(
+            "--socket and --control are both {}: give each its own path",
+            args.socket.display()
+        )));
+    }
     // Credentials too: a bad key file must not leave a new job behind.
     let tls = server_tls(args)?;
-    let plan = if storage::stat_identity(&args.journal)?.is_some()
+    let mut plan = if storage::stat_identity(&args.journal)?.is_some()
         || Path::new(&args.journal).is_symlink()
     {
         match existing_job(args)? {
@@ -244,10 +271,17 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
         args.control.display()
     );
     emit_line(out, json, &human)?;
-    // Serve until killed. Every acknowledged flush is already durable and
-    // the journal says which image holds it, so any way of stopping is safe.
-    loop {
-        std::thread::park();
-        let _ = (&unix, &tcp, &control);
-    }
+    plan.created.drain(..).for_each(CreatedFile::keep);
+    // Serve until a signal. Every acknowledged flush is already durable and
+    // the journal says which image holds it, so any way of stopping is
+    // safe; SIGINT and SIGTERM also take the sockets away.
+    let signal = signals.forever().next().unwrap_or_default();
+    tracing::info!(
+        signal,
+        "stopping: every acknowledged flush is durable; the journal names the image"
+    );
+    drop(control);
+    drop(tcp);
+    drop(unix);
+    Ok(Exit::Ok)
 }

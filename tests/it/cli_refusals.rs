@@ -1,0 +1,422 @@
+//! What a new user trips on: every refusal says why and leaves the
+//! directory exactly as it was; settings that would hang or crash are
+//! refused before anything is made; signals end `serve` and `demo` cleanly.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::cli::{
+    BAD_INPUT, Dir, LOCKED, MISSING, OK, USAGE, assert_stderr_contains, assert_stdout_empty, check,
+    json, run, s, setup,
+};
+
+const IMAGE: usize = 1 << 20;
+
+fn mkfifo(path: &std::path::Path) {
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .expect("mkfifo");
+}
+
+/// A directory holding `src.img` (1 MiB of data).
+fn with_source() -> Dir {
+    let dir = setup();
+    dir.write("src.img", &vec![0x5a; IMAGE]);
+    dir
+}
+
+/// Runs `args`, checks the exit code and the message, and that the
+/// directory lists exactly what it listed before.
+#[track_caller]
+fn refused(dir: &Dir, args: &[&str], code: i32, message: &str) {
+    let before = dir.listing();
+    let run = check(dir, args, code);
+    assert_stderr_contains(&run, message);
+    assert_eq!(dir.listing(), before, "copyctl {args:?} left files behind");
+}
+
+#[test]
+fn refusals_of_copy_leave_nothing_behind() {
+    let dir = with_source();
+    let (src, dst, j) = (dir.path("src.img"), dir.path("dst.img"), dir.path("J"));
+    let copy = |journal: &str| {
+        vec![
+            "copy".to_string(),
+            "--journal".into(),
+            journal.into(),
+            s(&src).into(),
+            s(&dst).into(),
+        ]
+    };
+    let refuse = |args: Vec<String>, code: i32, message: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&dir, &args, code, message);
+    };
+    dir.write("J", b"");
+    refuse(copy(s(&j)), BAD_INPUT, "J already exists: it holds a job");
+    std::fs::remove_file(&j).unwrap();
+    refuse(copy(s(&dir.path("none/J"))), MISSING, "none");
+    mkfifo(&dir.path("fifo"));
+    refuse(
+        copy(s(&dir.path("fifo"))),
+        BAD_INPUT,
+        "already exists (a FIFO)",
+    );
+    std::os::unix::fs::symlink("/nonexistent/x", dir.path("dangling")).unwrap();
+    refuse(
+        copy(s(&dir.path("dangling"))),
+        BAD_INPUT,
+        "already exists (a symlink to nothing)",
+    );
+    std::fs::create_dir(dir.path("sub")).unwrap();
+    refuse(
+        copy(s(&dir.path("sub"))),
+        BAD_INPUT,
+        "already exists (a directory)",
+    );
+    // Another engine holds the source: found once the job starts.
+    let serve = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
+        .current_dir(&dir.root)
+        .args(["serve", "--journal", "J1", "--source", "src.img"])
+        .args([
+            "--dest",
+            "d1.img",
+            "--socket",
+            "n.sock",
+            "--control",
+            "c.sock",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    let mut serve = Killed(serve);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.path("c.sock").exists() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    refuse(copy(s(&j)), LOCKED, "locked");
+    let _ = serve.0.kill();
+    let _ = serve.0.wait();
+}
+
+/// Kills the child when dropped.
+struct Killed(std::process::Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_refusals_leave_nothing_behind() {
+    let dir = with_source();
+    let serve = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "serve",
+            "--journal",
+            "J",
+            "--source",
+            "src.img",
+            "--dest",
+            "dst.img",
+            "--socket",
+            "n.sock",
+            "--control",
+            "c.sock",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let refuse = |args: Vec<String>, code: i32, message: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&dir, &args, code, message);
+    };
+    refuse(
+        serve(&["--tcp", "no such address", "--tcp-plaintext-insecure"]),
+        USAGE,
+        "\"no such address\" is not an address to listen on",
+    );
+    let mut same = serve(&[]);
+    same[10] = "n.sock".into();
+    refuse(same, BAD_INPUT, "--socket and --control are both");
+    // A busy port: found after the job started, which is then undone.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let port = busy.local_addr().unwrap().to_string();
+    refuse(
+        serve(&["--tcp", &port, "--tcp-plaintext-insecure"]),
+        8,
+        "Address already in use",
+    );
+    refuse(serve(&["--workers", "100000"]), USAGE, "from 1 to 64");
+    refuse(serve(&["--bandwidth", "0"]), BAD_INPUT, "bandwidth of 0");
+}
+
+#[test]
+fn settings_that_would_hang_or_crash_are_refused() {
+    let dir = with_source();
+    let copy = |extra: &[&str], src: &str, dst: &str| -> Vec<String> {
+        let mut args: Vec<String> = vec!["copy".into(), "--journal".into(), "J".into()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.push(src.into());
+        args.push(dst.into());
+        args
+    };
+    let refuse = |args: Vec<String>, code: i32, message: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(&dir, &args, code, message);
+    };
+    refuse(
+        copy(&["--bandwidth", "0"], "src.img", "dst.img"),
+        BAD_INPUT,
+        "bandwidth of 0",
+    );
+    refuse(
+        copy(&["--workers", "100000"], "src.img", "dst.img"),
+        USAGE,
+        "from 1 to 64",
+    );
+    refuse(
+        copy(&["--workers", "0"], "src.img", "dst.img"),
+        USAGE,
+        "from 1 to 64",
+    );
+    refuse(
+        copy(
+            &["--bandwidth", "18446744073709551616"],
+            "src.img",
+            "dst.img",
+        ),
+        USAGE,
+        "too large",
+    );
+    // FIFOs as images: refused at once, never waited on.
+    mkfifo(&dir.path("fifo"));
+    let started = Instant::now();
+    refuse(
+        copy(&[], "fifo", "dst.img"),
+        BAD_INPUT,
+        "neither a regular file",
+    );
+    refuse(
+        copy(&[], "src.img", "fifo"),
+        BAD_INPUT,
+        "neither a regular file",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "a FIFO was waited on"
+    );
+    // A low limit works, with a warning.
+    let run = check(
+        &dir,
+        &[
+            "copy",
+            "--bandwidth",
+            "512K",
+            "--journal",
+            "J",
+            "src.img",
+            "dst.img",
+        ],
+        OK,
+    );
+    assert_stderr_contains(&run, "--bandwidth 512.0 KiB/s");
+}
+
+#[test]
+fn demo_refuses_bad_sizes_and_directories() {
+    let dir = setup();
+    refused(&dir, &["demo", "--size", "1"], USAGE, "needs at least 4M");
+    refused(
+        &dir,
+        &["demo", "--dir", s(&dir.path("missing"))],
+        MISSING,
+        "missing",
+    );
+    std::fs::create_dir(dir.path("full")).unwrap();
+    dir.write("full/x", b"x");
+    refused(
+        &dir,
+        &["demo", "--dir", s(&dir.path("full"))],
+        BAD_INPUT,
+        "is not empty",
+    );
+    std::fs::create_dir(dir.path("empty")).unwrap();
+    let run = check(
+        &dir,
+        &["demo", "--size", "1P", "--dir", s(&dir.path("empty"))],
+        BAD_INPUT,
+    );
+    assert_stderr_contains(&run, "free in");
+    assert_eq!(std::fs::read_dir(dir.path("empty")).unwrap().count(), 0);
+}
+
+/// SIGTERM to `demo` part-way: its engine is gone, its directory too, and
+/// it exits 143 (128 + SIGTERM).
+#[test]
+fn a_signal_stops_the_demo_and_removes_what_it_made() {
+    let dir = setup();
+    std::fs::create_dir(dir.path("tmp")).unwrap();
+    let mut cases = 0;
+    for delay_ms in [50u64, 600, 2500] {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
+            .args(["demo", "--size", "512M", "--seed", "7"])
+            .env("TMPDIR", dir.path("tmp"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("demo");
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        )
+        .expect("SIGTERM");
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(out.status.code(), Some(143), "after {delay_ms} ms: {out:?}");
+        let left: Vec<_> = std::fs::read_dir(dir.path("tmp")).unwrap().collect();
+        assert!(
+            left.is_empty(),
+            "after {delay_ms} ms the demo left {left:?}"
+        );
+        // No engine of this demo outlives it (it had `--dir` in tmp).
+        let engines = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .filter(|c| {
+                let c = String::from_utf8_lossy(c);
+                c.contains("demo-engine") && c.contains(s(&dir.path("tmp")))
+            })
+            .count();
+        assert_eq!(
+            engines, 0,
+            "after {delay_ms} ms an engine outlived the demo"
+        );
+        cases += 1;
+    }
+    println!("{cases} demos stopped by SIGTERM");
+}
+
+/// SIGTERM and SIGINT end `serve` with exit 0 and take its sockets away;
+/// the journal stays (it is the job's record).
+#[test]
+fn a_signal_stops_serve_and_removes_its_sockets() {
+    for signal in [rustix::process::Signal::TERM, rustix::process::Signal::INT] {
+        let dir = with_source();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
+            .current_dir(&dir.root)
+            .args(["serve", "--journal", "J", "--source", "src.img"])
+            .args([
+                "--dest",
+                "dst.img",
+                "--socket",
+                "n.sock",
+                "--control",
+                "c.sock",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("serve");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dir.path("c.sock").exists() {
+            assert!(Instant::now() < deadline, "serve did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+            signal,
+        )
+        .expect("signal");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.code(), Some(0), "{signal:?}");
+        assert_eq!(dir.listing(), ["J", "dst.img", "src.img"], "{signal:?}");
+    }
+}
+
+#[test]
+fn control_refusals_go_to_stderr_and_complete_is_idempotent() {
+    let dir = with_source();
+    let mut serve = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
+            .current_dir(&dir.root)
+            .args(["serve", "--journal", "J", "--source", "src.img"])
+            .args([
+                "--dest",
+                "dst.img",
+                "--socket",
+                "n.sock",
+                "--control",
+                "c.sock",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("serve"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.path("c.sock").exists() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ctl = ["--control", "c.sock"];
+    let refused = check(&dir, &["complete", ctl[0], ctl[1]], BAD_INPUT);
+    assert_stdout_empty(&refused);
+    assert_stderr_contains(
+        &refused,
+        "complete refused: invalid input: complete needs a switched job",
+    );
+    let refused = check(
+        &dir,
+        &["--output", "json", "complete", ctl[0], ctl[1]],
+        BAD_INPUT,
+    );
+    assert_eq!(json(&refused)["ok"], false);
+    check(&dir, &["switch", ctl[0], ctl[1], "--wait", "60"], OK);
+    let done = check(&dir, &["--output", "json", "complete", ctl[0], ctl[1]], OK);
+    let done = json(&done);
+    assert_eq!(
+        (done["ok"].clone(), done["already_completed"].clone()),
+        (true.into(), false.into())
+    );
+    let again = check(&dir, &["complete", ctl[0], ctl[1]], OK);
+    assert!(
+        again.stdout.starts_with("already completed (journal seq"),
+        "{}",
+        again.stdout
+    );
+    let status = check(&dir, &["--output", "json", "status", ctl[0], ctl[1]], OK);
+    assert_eq!(json(&status)["ok"], true);
+    let _ = serve.0.kill();
+    let _ = serve.0.wait();
+}
+
+/// `recover` names the authoritative image, but exits 5 when that image
+/// is gone: a guest cannot boot from it.
+#[test]
+fn recover_of_a_missing_image_exits_missing() {
+    let dir = with_source();
+    check(&dir, &["copy", "--journal", "J", "src.img", "dst.img"], OK);
+    std::fs::remove_file(dir.path("dst.img")).unwrap();
+    let run = check(&dir, &["--output", "json", "recover", "J"], MISSING);
+    let verdict = json(&run);
+    assert_eq!(verdict["authoritative"], "destination");
+    assert_eq!(verdict["image_missing"], true);
+    let run = run_human_recover(&dir);
+    assert!(run.contains("does not exist"), "{run}");
+}
+
+fn run_human_recover(dir: &Dir) -> String {
+    let out = run(dir, &["recover", "J"]);
+    assert_eq!(out.code, MISSING);
+    format!("{}{}", out.stdout, out.stderr)
+}
