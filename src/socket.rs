@@ -21,7 +21,10 @@ pub fn check_bindable(path: &Path) -> Result<()> {
         return Err(Error::io_at(
             "bind",
             path,
-            std::io::ErrorKind::NotFound.into(),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("the directory {} does not exist", parent.display()),
+            ),
         ));
     }
     match std::fs::symlink_metadata(path) {

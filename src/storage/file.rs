@@ -120,8 +120,10 @@ fn sync_file_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) -> i
     }
 }
 
+/// With the OS's own message ("No such file or directory"), which says
+/// more than the error kind's ("entity not found").
 fn to_io(e: rustix::io::Errno) -> io::Error {
-    io::Error::from(e)
+    io::Error::from_raw_os_error(e.raw_os_error())
 }
 
 impl FileStorage {

@@ -420,3 +420,46 @@ fn run_human_recover(dir: &Dir) -> String {
     assert_eq!(out.code, MISSING);
     format!("{}{}", out.stdout, out.stderr)
 }
+
+/// `inspect`'s columns line up whatever a block holds (an empty slot's
+/// kind is the longest word).
+#[test]
+fn inspect_columns_line_up_for_empty_slots() {
+    let dir = setup();
+    let journal = dir.journal("J", livecopy::journal::Phase::Ready);
+    let run = check(&dir, &["inspect", s(&journal)], OK);
+    let lines: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| !l.starts_with("recovery"))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("emptyslot")),
+        "{}",
+        run.stdout
+    );
+    // The right edge of the fifth column (seq, right-aligned) is one place
+    // on every line.
+    let edge = |line: &str| {
+        let mut tokens = 0;
+        let mut in_token = false;
+        for (i, c) in line.char_indices() {
+            match (c == ' ', in_token) {
+                (false, false) => in_token = true,
+                (true, true) => {
+                    in_token = false;
+                    tokens += 1;
+                    if tokens == 5 {
+                        return i;
+                    }
+                }
+                _ => {}
+            }
+        }
+        line.len()
+    };
+    let want = edge(lines[0]);
+    for line in &lines[1..] {
+        assert_eq!(edge(line), want, "misaligned: {line:?}\n{}", run.stdout);
+    }
+}

@@ -176,7 +176,8 @@ pub fn ensure_destination(
         Location::Path(source) => {
             storage::stat_identity(source)?
                 .ok_or_else(|| {
-                    livecopy::Error::io_at("open", source, std::io::ErrorKind::NotFound.into())
+                    // ENOENT: the OS's words, "No such file or directory".
+                    livecopy::Error::io_at("open", source, std::io::Error::from_raw_os_error(2))
                 })?
                 .size
         }
