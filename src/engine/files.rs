@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use super::resume::Resumable;
 use super::{Config, Job};
 use crate::error::{Error, Result};
 use crate::journal::{self, ExportRecord, ImageRecord, ImageRef, Phase, Record};
@@ -126,17 +127,7 @@ pub fn start_at(
     Job::new(journal, source, destination, config)
 }
 
-/// What a resumed job copies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResumeCopy {
-    /// Only what the journal's progress says may differ: the part of the
-    /// pass after its last checkpoint, and every extent a guest write may
-    /// have reached on one image only. A journal without progress (format
-    /// 1, or written before the first checkpoint) means everything.
-    Remaining,
-    /// Everything, as a new job would.
-    All,
-}
+pub use super::resume::ResumeCopy;
 
 /// Takes over an unfinished job after a crash: opens the journal as
 /// recovery must, repairs damaged copies (after a backup), and, if the job
@@ -168,35 +159,21 @@ pub fn resume_at(
     config.validate()?;
     let opened = journal::open_file(journal_path, crate::storage::JournalAccess::Exclusive)?;
     let recovered = opened.analysis.outcome.map_err(Error::Refused)?;
-    // Take over with the verdict on the repaired journal: the one repaired
-    // from still lists the repairs just done, and `resume` refuses those.
-    let recovered = journal::repair(&opened.storage, &recovered, |image| {
-        crate::storage::write_backup_copy(journal_path, image).map(drop)
-    })?
-    .recovered;
-    let record = &recovered.record;
     if let Some((source, destination)) = expected {
+        // Before any repair: another job's journal is not ours to write.
         crate::restart::Expected {
             source: Some(source.clone()),
             destination: Some(destination.clone()),
         }
-        .check(record)?;
+        .check(&recovered.record)?;
     }
-    if !matches!(record.phase, Phase::Copying | Phase::Ready) {
-        return Err(Error::InvalidInput(format!(
-            "the job is {}; only a copying or ready job can be resumed",
-            record.phase.name()
-        )));
-    }
+    let resumable = Resumable::take_over(opened.storage, &recovered, |image| {
+        crate::storage::write_backup_copy(journal_path, image).map(drop)
+    })?;
+    let record = resumable.record();
     let source = open_recorded(record.source(), options)?;
     let destination = open_recorded(record.destination(), options)?;
-    let progress = match copy {
-        ResumeCopy::Remaining => record.progress(),
-        ResumeCopy::All => None,
-    };
-    let mut journal = journal::Journal::resume(opened.storage, &recovered)?;
-    journal.commit_progress(Phase::Copying, 0, progress.as_ref())?;
-    Job::new(journal, source, destination, config)
+    resumable.start(source, destination, config, copy)
 }
 
 /// Opens the image a record names, refusing if it is not the image the job

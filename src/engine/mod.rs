@@ -46,6 +46,7 @@ pub mod files;
 mod guest;
 mod intent;
 mod ranges;
+pub mod resume;
 mod write_back;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

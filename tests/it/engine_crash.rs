@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use livecopy::engine::StepOutcome;
+use livecopy::engine::resume::{Resumable, ResumeCopy};
 use livecopy::engine::{Config, Job, JobPhase};
 use livecopy::journal::format::JOURNAL_LEN;
 use livecopy::journal::{self, Journal, Phase, Side};
@@ -737,15 +738,17 @@ fn check_resume(crashed: &Outcome, fate: Fate, n: u64, ops: &[Op], counts: &Resu
     loop {
         let analysis = journal::analyse(&journal_disk).expect("readable");
         let recovered = analysis.outcome.expect("decided");
-        let repaired = journal::repair(&journal_disk, &recovered, |_| Ok(()))
-            .expect("repair")
-            .recovered;
-        let recorded = repaired.record.progress();
-        let mut journal = Journal::resume(journal_disk.clone(), &repaired).expect("take over");
-        journal
-            .commit_progress(Phase::Copying, 0, recorded.as_ref())
-            .expect("commit Copying");
-        let job = Job::new(journal, source.clone(), destination.clone(), config()).expect("resume");
+        let resumable =
+            Resumable::take_over(journal_disk.clone(), &recovered, |_| Ok(())).expect("take over");
+        let recorded = resumable.record().progress();
+        let job = resumable
+            .start(
+                source.clone(),
+                destination.clone(),
+                config(),
+                ResumeCopy::Remaining,
+            )
+            .expect("resume");
         let status = job.status();
         assert!(status.resumed == recorded.is_some());
         let bound = recorded.as_ref().map_or(size, |p| p.bytes_to_copy());

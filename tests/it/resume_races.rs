@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use livecopy::engine::resume::{Resumable, ResumeCopy};
 use livecopy::engine::{Config, Job, JobPhase, StepOutcome};
 use livecopy::journal::format::JOURNAL_LEN;
 use livecopy::journal::{self, Journal, Phase};
@@ -54,19 +55,21 @@ fn resume_and_check(
     if !matches!(recovered.record.phase, Phase::Copying | Phase::Ready) {
         return false;
     }
-    let repaired = journal::repair(&journal_disk, &recovered, |_| Ok(()))
-        .expect("repair")
-        .recovered;
-    let recorded = repaired.record.progress();
-    let mut journal = Journal::resume(journal_disk.clone(), &repaired).expect("take over");
-    journal
-        .commit_progress(Phase::Copying, 0, recorded.as_ref())
-        .expect("commit Copying");
+    let resumable =
+        Resumable::take_over(journal_disk.clone(), &recovered, |_| Ok(())).expect("take over");
+    let recorded = resumable.record().progress();
     let cfg = Config {
         copy_workers: 1,
         ..config()
     };
-    let job = Job::new(journal, source.clone(), destination.clone(), cfg).expect("resume");
+    let job = resumable
+        .start(
+            source.clone(),
+            destination.clone(),
+            cfg,
+            ResumeCopy::Remaining,
+        )
+        .expect("resume");
     while job.copy_step().expect("step") != StepOutcome::Done {}
     assert_eq!(job.status().phase, JobPhase::Ready);
     job.switch().expect("switch");
