@@ -17,6 +17,12 @@ use crate::error::{Error, ErrorKind, Result};
 /// A running control server. Shut it down with [`ControlHandle::shutdown`].
 pub struct ControlHandle {
     path: PathBuf,
+    /// The socket file's (device, inode): only that file is removed.
+    identity: Option<(u64, u64)>,
+    /// The listener, shared with the accept thread: shutting it down wakes
+    /// the accept call without connecting to the path (which may be gone,
+    /// or too long to connect to).
+    wake: UnixListener,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
 }
@@ -26,6 +32,15 @@ pub struct ControlHandle {
 /// get a permission-denied reply and are disconnected.
 pub fn serve(path: &Path, controller: Arc<dyn Controller>) -> Result<ControlHandle> {
     let listener = crate::socket::bind_private(path)?;
+    let wake = listener
+        .try_clone()
+        .map_err(|e| Error::io_at("dup", path, e))?;
+    let identity = std::fs::symlink_metadata(path).ok().map(|m| {
+        (
+            std::os::unix::fs::MetadataExt::dev(&m),
+            std::os::unix::fs::MetadataExt::ino(&m),
+        )
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let accept_stop = Arc::clone(&stop);
     let accept = std::thread::Builder::new()
@@ -34,6 +49,8 @@ pub fn serve(path: &Path, controller: Arc<dyn Controller>) -> Result<ControlHand
         .map_err(|e| Error::io("spawn", e))?;
     Ok(ControlHandle {
         path: path.to_path_buf(),
+        identity,
+        wake,
         stop,
         accept: Some(accept),
     })
@@ -53,12 +70,21 @@ impl ControlHandle {
 
     fn stop_now(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the accept call.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accept call: on Linux, shutting a listening socket down
+        // makes accept fail at once.
+        let _ = rustix::net::shutdown(&self.wake, rustix::net::Shutdown::Both);
         if let Some(accept) = self.accept.take() {
             let _ = accept.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(identity) = self.identity
+            && let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (
+                std::os::unix::fs::MetadataExt::dev(&meta),
+                std::os::unix::fs::MetadataExt::ino(&meta),
+            ) == identity
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

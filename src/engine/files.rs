@@ -124,7 +124,11 @@ pub fn start_at(
         0,
     );
     let journal = journal::create_file(journal_path, first)?;
-    Job::new(journal, source, destination, config)
+    // A job that cannot start leaves no journal naming its images.
+    let created = crate::storage::CreatedFile::claim(journal_path)?;
+    let job = Job::new(journal, source, destination, config)?;
+    created.keep();
+    Ok(job)
 }
 
 pub use super::resume::ResumeCopy;

@@ -260,9 +260,24 @@ impl FileStorage {
     /// dies.
     pub fn lock_exclusive(&self) -> Result<()> {
         match rfs::flock(&self.file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(()),
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Locked(self.path.clone())),
-            Err(e) => Err(Error::io_at("flock", &self.path, to_io(e))),
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(Error::Locked(self.path.clone())),
+            Err(e) => return Err(Error::io_at("flock", &self.path, to_io(e))),
+        }
+        // The lock is on what was opened; the job will name the path. A
+        // file removed or replaced between the open and the lock (a
+        // refused command cleaning up what it made: `CreatedFile`) is not
+        // the image the path names any more.
+        let held = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io_at("stat", &self.path, e))?;
+        match std::fs::metadata(&self.path) {
+            Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => Ok(()),
+            _ => Err(Error::InvalidInput(format!(
+                "{} was removed or replaced while it was being opened",
+                self.path.display()
+            ))),
         }
     }
 
@@ -651,11 +666,24 @@ impl CreatedFile {
 
 impl Drop for CreatedFile {
     fn drop(&mut self) {
-        if let Some(identity) = self.identity
-            && let Ok(meta) = std::fs::symlink_metadata(&self.path)
-            && (meta.dev(), meta.ino()) == identity
-        {
-            let _ = std::fs::remove_file(&self.path);
+        let Some(identity) = self.identity else {
+            return;
+        };
+        // Only while holding the file's lock: a job of another process
+        // that took the file meanwhile holds it, and the file stays. One
+        // that opened it but locks only after the removal finds its path
+        // gone (`FileStorage::lock_exclusive` checks) and refuses.
+        let Ok(fd) = rfs::openat(
+            rfs::CWD,
+            &self.path,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return;
+        };
+        let same = rfs::fstat(&fd).is_ok_and(|st| (st.st_dev, st.st_ino) == identity);
+        if same && rfs::flock(&fd, FlockOperation::NonBlockingLockExclusive).is_ok() {
+            let _ = rfs::unlinkat(rfs::CWD, &self.path, rfs::AtFlags::empty());
         }
     }
 }

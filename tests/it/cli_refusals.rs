@@ -11,6 +11,8 @@ use crate::cli::{
 };
 
 const IMAGE: usize = 1 << 20;
+/// `recover`: the authoritative image is gone.
+const IMAGE_MISSING: i32 = 10;
 
 fn mkfifo(path: &std::path::Path) {
     rustix::fs::mkfifoat(
@@ -71,6 +73,9 @@ fn refusals_of_copy_leave_nothing_behind() {
         BAD_INPUT,
         "already exists (a symlink to nothing)",
     );
+    let mut args = copy(s(&j));
+    args[4] = s(&dir.path("dangling")).into();
+    refuse(args, BAD_INPUT, "is a symlink to nothing");
     std::fs::create_dir(dir.path("sub")).unwrap();
     refuse(
         copy(s(&dir.path("sub"))),
@@ -147,13 +152,16 @@ fn serve_refusals_leave_nothing_behind() {
     let mut same = serve(&[]);
     same[10] = "n.sock".into();
     refuse(same, BAD_INPUT, "--socket and --control are both");
+    let mut same = serve(&[]);
+    same[10] = "./n.sock".into();
+    refuse(same, BAD_INPUT, "--socket and --control are both");
     // A busy port: found after the job started, which is then undone.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
     let port = busy.local_addr().unwrap().to_string();
     refuse(
         serve(&["--tcp", &port, "--tcp-plaintext-insecure"]),
         8,
-        "Address already in use",
+        &format!("listen on --tcp {port}"),
     );
     refuse(serve(&["--workers", "100000"]), USAGE, "from 1 to 64");
     refuse(serve(&["--bandwidth", "0"]), BAD_INPUT, "bandwidth of 0");
@@ -400,14 +408,14 @@ fn control_refusals_go_to_stderr_and_complete_is_idempotent() {
     let _ = serve.0.wait();
 }
 
-/// `recover` names the authoritative image, but exits 5 when that image
-/// is gone: a guest cannot boot from it.
+/// `recover` names the authoritative image, but exits 10 when that image
+/// is gone: a guest cannot boot from it (not 5, "no such journal").
 #[test]
 fn recover_of_a_missing_image_exits_missing() {
     let dir = with_source();
     check(&dir, &["copy", "--journal", "J", "src.img", "dst.img"], OK);
     std::fs::remove_file(dir.path("dst.img")).unwrap();
-    let run = check(&dir, &["--output", "json", "recover", "J"], MISSING);
+    let run = check(&dir, &["--output", "json", "recover", "J"], IMAGE_MISSING);
     let verdict = json(&run);
     assert_eq!(verdict["authoritative"], "destination");
     assert_eq!(verdict["image_missing"], true);
@@ -417,7 +425,7 @@ fn recover_of_a_missing_image_exits_missing() {
 
 fn run_human_recover(dir: &Dir) -> String {
     let out = run(dir, &["recover", "J"]);
-    assert_eq!(out.code, MISSING);
+    assert_eq!(out.code, IMAGE_MISSING);
     format!("{}{}", out.stdout, out.stderr)
 }
 
@@ -462,4 +470,129 @@ fn inspect_columns_line_up_for_empty_slots() {
     for line in &lines[1..] {
         assert_eq!(edge(line), want, "misaligned: {line:?}\n{}", run.stdout);
     }
+}
+
+/// A destination a refused command made is removed only under its lock:
+/// a job of another process that took it keeps it, and one that opened it
+/// but locks only after the removal is refused.
+#[test]
+fn a_made_file_is_removed_only_when_no_job_holds_it() {
+    use livecopy::storage::{CreatedFile, FileStorage};
+    let dir = setup();
+    let path = dir.path("dst.img");
+    // Another process's job holds it: it stays.
+    FileStorage::create_image(&path, 1 << 20).expect("create");
+    let made = CreatedFile::claim(&path).expect("claim");
+    let other = FileStorage::open_image(&path, true).expect("open");
+    other.lock_exclusive().expect("the other job locks it");
+    drop(made);
+    assert!(path.exists(), "removed under another job's lock");
+    drop(other);
+    std::fs::remove_file(&path).unwrap();
+    // Opened before the removal, locked after: refused.
+    FileStorage::create_image(&path, 1 << 20).expect("create");
+    let made = CreatedFile::claim(&path).expect("claim");
+    let late = FileStorage::open_image(&path, true).expect("open");
+    drop(made);
+    assert!(!path.exists(), "not removed");
+    let refused = late.lock_exclusive().expect_err("a removed file");
+    assert!(
+        refused.to_string().contains("removed or replaced"),
+        "{refused}"
+    );
+}
+
+/// Once serving, what serve made is the job's: a reader of stdout that
+/// went away does not stop serving nor remove anything; SIGTERM then
+/// ends it with exit 0 even when its control socket was removed.
+#[test]
+fn serve_outlives_its_stdout_reader_and_stops_without_its_control_socket() {
+    let dir = with_source();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
+        .current_dir(&dir.root)
+        .args(["serve", "--journal", "J", "--source", "src.img"])
+        .args([
+            "--dest",
+            "dst.img",
+            "--socket",
+            "n.sock",
+            "--control",
+            "c.sock",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    drop(child.stdout.take()); // nobody reads the announcement
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.path("c.sock").exists() {
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().expect("wait").is_none(), "serve stopped");
+    let status = check(&dir, &["status", "--control", "c.sock"], OK);
+    assert!(status.stdout.contains("phase"), "{}", status.stdout);
+    std::fs::remove_file(dir.path("c.sock")).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        assert!(Instant::now() < deadline, "serve ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(code, Some(0));
+    assert_eq!(dir.listing(), ["J", "dst.img", "src.img"]);
+}
+
+/// A signal while serve starts (here waiting on an NBD destination that
+/// never answers) ends it at once, as a kill would.
+#[test]
+fn a_signal_while_serve_starts_ends_it_at_once() {
+    let dir = with_source();
+    let silent = std::os::unix::net::UnixListener::bind(dir.path("silent.sock")).expect("bind");
+    let holder = std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().take(4).collect();
+        std::thread::sleep(Duration::from_secs(20));
+        drop(held);
+    });
+    let dest = format!("nbd+unix:///?socket={}", s(&dir.path("silent.sock")));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
+        .current_dir(&dir.root)
+        .args([
+            "serve",
+            "--journal",
+            "J",
+            "--source",
+            "src.img",
+            "--dest",
+            &dest,
+        ])
+        .args(["--socket", "n.sock", "--control", "c.sock"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Instant::now();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .expect("SIGTERM");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(143), "{status:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        sent.elapsed()
+    );
+    assert!(!dir.path("n.sock").exists() && !dir.path("c.sock").exists());
+    drop(holder);
 }

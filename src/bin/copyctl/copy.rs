@@ -128,6 +128,26 @@ pub fn check_new_journal(journal: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether two paths name one place, though spelled differently
+/// (`s.sock`, `./s.sock`): their directories resolve to one, and the names
+/// match. Neither need exist.
+pub fn same_place(a: &Path, b: &Path) -> bool {
+    let split = |p: &Path| {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        (
+            std::fs::canonicalize(dir).ok(),
+            p.file_name().map(|n| n.to_owned()),
+        )
+    };
+    a == b || {
+        let (a, b) = (split(a), split(b));
+        a.0.is_some() && a == b
+    }
+}
+
 /// Warns about settings that work but are likely mistakes.
 pub fn warn_settings(config: &Config) {
     if let Some(rate) = config.bandwidth
@@ -153,7 +173,15 @@ pub fn ensure_destination(
     overwrite: bool,
 ) -> anyhow::Result<Option<CreatedFile>> {
     let exists = match destination {
-        Location::Path(path) => storage::stat_identity(path)?.is_some(),
+        Location::Path(path) => {
+            if path.is_symlink() && !path.exists() {
+                anyhow::bail!(livecopy::Error::InvalidInput(format!(
+                    "{} is a symlink to nothing: give the image's own path, or create it",
+                    path.display()
+                )));
+            }
+            storage::stat_identity(path)?.is_some()
+        }
         Location::Nbd(_) => true,
     };
     if exists {

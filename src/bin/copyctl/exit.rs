@@ -29,6 +29,9 @@ pub enum Exit {
     /// The request makes no sense for this journal (e.g. resolving a journal
     /// that needs no resolution, a symlink or directory as journal path).
     BadInput = 9,
+    /// `recover`: the authoritative image the journal names is gone. Not 5:
+    /// a script reading 5 as "no job here" would boot the other image.
+    ImageMissing = 10,
 }
 
 impl From<Exit> for ExitCode {

@@ -159,5 +159,9 @@ pub fn run(args: &RecoverArgs, out: Output) -> anyhow::Result<Exit> {
         );
     }
     emit(out, json, &human)?;
-    Ok(if missing { Exit::Missing } else { Exit::Ok })
+    Ok(if missing {
+        Exit::ImageMissing
+    } else {
+        Exit::Ok
+    })
 }

@@ -8,7 +8,10 @@
 //! recover's exit code.
 
 use std::path::Path;
+
+use anyhow::Context;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use livecopy::control::{self, Controller, JobController, JournalController};
 use livecopy::engine::files;
@@ -183,17 +186,39 @@ fn server_tls(args: &ServeArgs) -> anyhow::Result<Option<nbd::tls::ServerTls>> {
     Ok(Some(tls))
 }
 
+/// Set once serving started (every listener bound).
+static SERVING: AtomicBool = AtomicBool::new(false);
+
+/// SIGINT and SIGTERM: before serving, the process ends at once with
+/// 128 + the signal, as a kill would (start-up may wait long on an NBD
+/// server; a new job's journal then stays, and `--resume` continues it);
+/// once serving, the returned channel says which signal came, and `run`
+/// stops cleanly.
+fn stop_on_signals() -> anyhow::Result<std::sync::mpsc::Receiver<i32>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("serve-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if !SERVING.load(Ordering::SeqCst) {
+                    eprintln!("copyctl: stopped by signal {signal} while starting");
+                    std::process::exit(128 + signal);
+                }
+                let _ = tx.send(signal);
+            }
+        })?;
+    Ok(rx)
+}
+
 pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
     // Check the socket paths before anything is created, so that a typo in
     // them does not leave a new job behind.
-    // From the start, so that a signal during start-up is not lost.
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
+    let stop = stop_on_signals()?;
     livecopy::socket::check_bindable(&args.socket)?;
     livecopy::socket::check_bindable(&args.control)?;
-    if args.socket == args.control {
+    if crate::copy::same_place(&args.socket, &args.control) {
         anyhow::bail!(livecopy::Error::InvalidInput(format!(
             "--socket and --control are both {}: give each its own path",
             args.socket.display()
@@ -229,7 +254,8 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
     let unix = nbd::bind_unix(&args.socket, Arc::clone(&plan.device), &args.export)?.spawn();
     let tcp = match &args.tcp {
         Some(addr) => {
-            let server = nbd::bind_tcp(addr.as_str(), Arc::clone(&plan.device), &args.export)?;
+            let server = nbd::bind_tcp(addr.as_str(), Arc::clone(&plan.device), &args.export)
+                .with_context(|| format!("listen on --tcp {addr}"))?;
             let server = match &tls {
                 Some(tls) => server.tls(tls.clone()),
                 None => server,
@@ -239,6 +265,10 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
         None => None,
     };
     let control = control::serve(&args.control, Arc::clone(&plan.controller))?;
+    // Serving: a switch may come now, and with it writes on the
+    // destination alone. What this command made is the job's from here on.
+    plan.created.drain(..).for_each(CreatedFile::keep);
+    SERVING.store(true, Ordering::SeqCst);
     let json = json!({
         "event": "serving",
         "socket": args.socket,
@@ -270,12 +300,15 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
         plan.image,
         args.control.display()
     );
-    emit_line(out, json, &human)?;
-    plan.created.drain(..).for_each(CreatedFile::keep);
+    // The announcement is for whoever watches; serving never depends on it
+    // (a supervisor that stopped reading must not stop the guest's disk).
+    if let Err(e) = emit_line(out, json, &human) {
+        tracing::warn!("could not announce on stdout: {e:#}; serving anyway");
+    }
     // Serve until a signal. Every acknowledged flush is already durable and
     // the journal says which image holds it, so any way of stopping is
     // safe; SIGINT and SIGTERM also take the sockets away.
-    let signal = signals.forever().next().unwrap_or_default();
+    let signal = stop.recv().unwrap_or_default();
     tracing::info!(
         signal,
         "stopping: every acknowledged flush is durable; the journal names the image"
