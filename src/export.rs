@@ -33,7 +33,8 @@ impl<S: Storage + 'static, J: Storage + 'static> ExportDevice for Guest<S, J> {
     // Holes and data of the image answering reads when each range is
     // asked: around the switch both images hold the same bytes.
     fn allocation(&self, offset: u64, len: u32, max: usize) -> Result<Vec<Allocation>> {
-        allocation_from(offset, len, max, |at| self.next_data(at))
+        let end = offset + u64::from(len);
+        allocation_from(offset, len, max, |at| self.next_data(at, end))
     }
 }
 
@@ -116,12 +117,12 @@ impl<S: Storage + 'static> ExportDevice for ImageDevice<S> {
     }
     fn allocation(&self, offset: u64, len: u32, max: usize) -> Result<Vec<Allocation>> {
         self.check()?;
-        let size = self.size;
+        let end = (offset + u64::from(len)).min(self.size);
         allocation_from(offset, len, max, |at| {
             Ok(self
                 .image
-                .next_data(at)?
-                .map(|r| r.start.max(at)..r.end.min(size))
+                .next_data_before(at, end)?
+                .map(|r| r.start.max(at)..r.end.min(end))
                 .filter(|r| r.start < r.end))
         })
     }

@@ -134,14 +134,16 @@ impl<S: Storage, J: Storage> Guest<S, J> {
         })
     }
 
-    /// The first range at or after `offset` that may hold data on the image
-    /// that answers reads now (SEEK_DATA), within the disk; `None` when
-    /// the rest of the disk is a hole that reads as zeros.
-    pub fn next_data(&self, offset: u64) -> Result<Option<Range<u64>>> {
-        let size = self.shared.size;
+    /// The first range at or after `offset` and before `end` that may hold
+    /// data on the image that answers reads now (SEEK_DATA), within the
+    /// disk; `None` when up to `end` all is a hole that reads as zeros.
+    pub fn next_data(&self, offset: u64, end: u64) -> Result<Option<Range<u64>>> {
+        let size = self.shared.size.min(end);
         let next = self.request(|phase| match phase {
-            JobPhase::Switched | JobPhase::Completed => self.shared.destination.next_data(offset),
-            _ => self.shared.source.next_data(offset),
+            JobPhase::Switched | JobPhase::Completed => {
+                self.shared.destination.next_data_before(offset, size)
+            }
+            _ => self.shared.source.next_data_before(offset, size),
         })?;
         Ok(next
             .map(|r| r.start.max(offset)..r.end.min(size))

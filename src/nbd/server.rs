@@ -658,6 +658,10 @@ fn negotiate(
         };
         let header: OptionHeader = proto::parse_option_header(&header)?;
         let option = header.option;
+        if option == proto::OPT_SET_META_CONTEXT {
+            // A SET replaces the selection even when it fails.
+            session.allocation = false;
+        }
         let data = proto::read_option_data(reader, &header, MAX_OPTION_DATA, OPTION_DISCARD_LIMIT)?;
         match (tls, option) {
             (Tls::Required, proto::OPT_STARTTLS) => {
@@ -1157,6 +1161,10 @@ impl Conn<'_> {
                 let extents = device
                     .allocation(request.offset, request.length, max)
                     .map_err(Failure::device)?;
+                let (minimum, _, _) = self.shared.block_sizes();
+                let mut extents =
+                    super::align_allocation(request.offset, &extents, u64::from(minimum));
+                extents.truncate(max);
                 // Checked right before it goes out: what the spec requires
                 // of a BLOCK_STATUS chunk.
                 let total: u64 = extents.iter().map(|e| u64::from(e.length)).sum();

@@ -212,7 +212,12 @@ pub fn parse_error_chunk(kind: u16, payload: &[u8]) -> Result<ChunkError, ProtoE
 
 /// Encodes an `ERROR` payload.
 pub fn encode_error_chunk(error: u32, message: &str) -> Vec<u8> {
-    let message = &message.as_bytes()[..message.len().min(u16::MAX as usize)];
+    // A string in NBD is at most 4096 bytes; cut at a character boundary.
+    let mut cut = message.len().min(super::proto::MAX_STRING);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let message = &message.as_bytes()[..cut];
     let mut out = Vec::with_capacity(6 + message.len());
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(message.len() as u16).to_be_bytes());

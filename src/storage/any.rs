@@ -114,6 +114,9 @@ impl Storage for AnyImage {
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
         each!(self, s => s.next_data(offset))
     }
+    fn next_data_before(&self, offset: u64, end: u64) -> io::Result<Option<Range<u64>>> {
+        each!(self, s => s.next_data_before(offset, end))
+    }
     fn block_size(&self) -> u64 {
         each!(self, s => s.block_size())
     }

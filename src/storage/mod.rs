@@ -128,6 +128,16 @@ pub trait Storage: Send + Sync {
         let len = self.len()?;
         Ok((offset < len).then_some(offset..len))
     }
+    /// [`next_data`](Storage::next_data) for a caller that looks no further
+    /// than `end`: the first range at or after `offset` that starts before
+    /// `end` and may hold data, cut at `end`. A storage whose answer costs
+    /// per byte scanned (a remote export's block status) stops at `end`.
+    fn next_data_before(&self, offset: u64, end: u64) -> io::Result<Option<Range<u64>>> {
+        Ok(self
+            .next_data(offset)?
+            .filter(|r| r.start < end)
+            .map(|r| r.start..r.end.min(end)))
+    }
     /// The unit requests should be aligned to, a power of two: a block
     /// device's logical block size, a remote export's minimum block size;
     /// 1 where any offset and length work as well as any other.
@@ -182,6 +192,9 @@ impl<S: Storage + ?Sized> Storage for &S {
     }
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
         (**self).next_data(offset)
+    }
+    fn next_data_before(&self, offset: u64, end: u64) -> io::Result<Option<Range<u64>>> {
+        (**self).next_data_before(offset, end)
     }
     fn block_size(&self) -> u64 {
         (**self).block_size()

@@ -384,31 +384,41 @@ impl Storage for NbdStorage {
     }
 
     fn next_data(&self, offset: u64) -> io::Result<Option<Range<u64>>> {
+        self.next_data_before(offset, self.info.size)
+    }
+
+    // Block status costs a round trip per gigabyte scanned: stop at `end`.
+    fn next_data_before(&self, offset: u64, end: u64) -> io::Result<Option<Range<u64>>> {
         let size = self.info.size;
+        let end = end.min(size);
         if self.info.allocation.is_none() {
-            return Ok((offset < size).then_some(offset..size));
+            return Ok((offset < end).then_some(offset..end));
         }
         let m = self.min();
+        // Requests stay aligned to the export's minimum block.
+        let limit = end.div_ceil(m).saturating_mul(m).min(size);
         let mut at = offset / m * m;
         let mut data_start: Option<u64> = None;
-        while at < size {
-            let len = (size - at).min(MAX_EFFECT / m * m);
+        while at < limit {
+            let len = (limit - at).min(MAX_EFFECT / m * m);
             let extents = self.pool.block_status(at, len as u32)?;
             for e in extents {
-                let end = (at + u64::from(e.length)).min(size);
+                let next = (at + u64::from(e.length)).min(limit);
                 let zero = e.flags & st::STATE_ZERO != 0;
                 match (zero, data_start) {
                     (false, None) => data_start = Some(at.max(offset)),
-                    (true, Some(start)) => return Ok(Some(start..at)),
+                    (true, Some(start)) => return Ok(Some(start..at.min(end))),
                     _ => {}
                 }
-                at = end;
-                if at >= size {
+                at = next;
+                if at >= limit {
                     break;
                 }
             }
         }
-        Ok(data_start.map(|start| start..size))
+        Ok(data_start
+            .filter(|&start| start < end)
+            .map(|start| start..end))
     }
 
     fn block_size(&self) -> u64 {

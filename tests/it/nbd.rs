@@ -1354,6 +1354,19 @@ fn meta_contexts_are_listed_and_selected() {
         ask(proto::OPT_SET_META_CONTEXT, "", &[st::BASE_ALLOCATION]),
         Ok(allocation)
     );
+    // A SET that fails still replaces the selection: nothing is selected.
+    let mut bad = st::encode_meta_context_request("", &[st::BASE_ALLOCATION]);
+    bad.truncate(bad.len() - 3);
+    c.option(proto::OPT_SET_META_CONTEXT, &bad);
+    assert_eq!(c.option_reply().0.reply, proto::REP_ERR_INVALID);
+    c.go("");
+    c.request(proto::Command::BlockStatus, 0, 1, 0, 4096);
+    let (header, payload) = c.chunk();
+    assert_eq!(header.kind, st::REPLY_TYPE_ERROR);
+    assert_eq!(
+        st::parse_error_chunk(header.kind, &payload).unwrap().error,
+        proto::EINVAL
+    );
 }
 
 /// FAST_ZERO is advertised; a device whose zeroing may be slow refuses it
