@@ -77,13 +77,20 @@ impl DirtyBitmap {
 
     /// The first set bit at or after `from`, skipping clear words whole.
     pub fn next_set(&self, from: u64) -> Option<u64> {
+        self.next_set_before(from, self.granules)
+    }
+
+    /// The first set bit in `from..end`, a word at a time: the cost is the
+    /// range's, never the bitmap's tail.
+    pub fn next_set_before(&self, from: u64, end: u64) -> Option<u64> {
+        let end = end.min(self.granules);
         let mut index = from;
-        while index < self.granules {
+        while index < end {
             let word = self.words[(index / 64) as usize].load(Ordering::Acquire);
             let bits = word >> (index % 64);
             if bits != 0 {
                 let found = index + u64::from(bits.trailing_zeros());
-                return (found < self.granules).then_some(found);
+                return (found < end).then_some(found);
             }
             index = (index / 64 + 1) * 64;
         }
@@ -112,6 +119,21 @@ mod tests {
         assert_eq!(map.next_set(4), Some(199));
         assert_eq!(map.count(), 2);
         assert_eq!(map.memory_bytes(), 32);
+        // Bounded: nothing past `end`, whatever is set there.
+        assert_eq!(map.next_set_before(4, 199), None);
+        assert_eq!(map.next_set_before(4, 200), Some(199));
+        assert_eq!(map.next_set_before(0, 3), None);
+        assert_eq!(map.next_set_before(0, 4), Some(3));
+        assert_eq!(map.next_set_before(3, 1000), Some(3));
+        let mut cases = 0;
+        for from in 0..200 {
+            for end in from..=210 {
+                let want = (from..end.min(200)).find(|&i| map.get(i));
+                assert_eq!(map.next_set_before(from, end), want, "{from}..{end}");
+                cases += 1;
+            }
+        }
+        println!("next_set_before: {cases} ranges");
     }
 
     #[test]

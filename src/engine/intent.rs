@@ -245,7 +245,8 @@ fn commit_unlocked<'a, S: Storage, J: Storage>(
     state.incoming = Some(next.clone());
     drop(state);
     // A commit that panics must not leave `incoming` set: writers waiting
-    // for it would wait forever (invariant 7). It ends as a failed one.
+    // for it would wait forever (a panic must never freeze the guest:
+    // ARCHITECTURE.md, mod.rs). It ends as a failed one.
     let unwinding = InFlight(shared);
     let committed = commit(shared, &next);
     std::mem::forget(unwinding);
@@ -332,7 +333,9 @@ pub(crate) fn checkpoint<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Resul
             .filter(|&e| {
                 let first = e * extent / g;
                 let end = ((e + 1) * extent).div_ceil(g);
-                (first..end.min(shared.dirty.len())).any(|i| shared.dirty.get(i))
+                // This extent's own granules only, a word at a time: the
+                // scan runs under the lock guest writes take.
+                shared.dirty.next_set_before(first, end).is_some()
             })
             .collect();
         (extent, cursor, kept, copied)
