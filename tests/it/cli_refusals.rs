@@ -83,30 +83,42 @@ fn refusals_of_copy_leave_nothing_behind() {
         "already exists (a directory)",
     );
     // Another engine holds the source: found once the job starts.
-    let serve = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
+    let mut serve = Killed(start_serve(&dir, "J1", "d1.img", Stdio::null()));
+    refuse(copy(s(&j)), LOCKED, "locked");
+    let _ = serve.0.kill();
+    let _ = serve.0.wait();
+}
+
+/// `copyctl serve` of `src.img` onto `dst.img` in `dir` with journal
+/// `journal`, its stdout as given; returns once its control socket exists.
+fn start_serve(dir: &Dir, journal: &str, dest: &str, stdout: Stdio) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
         .current_dir(&dir.root)
-        .args(["serve", "--journal", "J1", "--source", "src.img"])
         .args([
+            "serve",
+            "--journal",
+            journal,
+            "--source",
+            "src.img",
             "--dest",
-            "d1.img",
-            "--socket",
-            "n.sock",
-            "--control",
-            "c.sock",
+            dest,
         ])
-        .stdout(Stdio::null())
+        .args(["--socket", "n.sock", "--control", "c.sock"])
+        .stdout(stdout)
         .stderr(Stdio::null())
         .spawn()
         .expect("serve");
-    let mut serve = Killed(serve);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !dir.path("c.sock").exists() {
         assert!(Instant::now() < deadline, "serve did not start");
         std::thread::sleep(Duration::from_millis(5));
     }
-    refuse(copy(s(&j)), LOCKED, "locked");
-    let _ = serve.0.kill();
-    let _ = serve.0.wait();
+    child
+}
+
+fn send(child: &std::process::Child, signal: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a pid");
+    rustix::process::kill_process(pid, signal).expect("signal");
 }
 
 /// Kills the child when dropped.
@@ -282,13 +294,8 @@ fn a_signal_stops_the_demo_and_removes_what_it_made() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("demo");
-        let pid = child.id();
         std::thread::sleep(Duration::from_millis(delay_ms));
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(pid as i32).unwrap(),
-            rustix::process::Signal::TERM,
-        )
-        .expect("SIGTERM");
+        send(&child, rustix::process::Signal::TERM);
         let out = child.wait_with_output().expect("wait");
         assert_eq!(out.status.code(), Some(143), "after {delay_ms} ms: {out:?}");
         let left: Vec<_> = std::fs::read_dir(dir.path("tmp")).unwrap().collect();
@@ -320,31 +327,8 @@ fn a_signal_stops_the_demo_and_removes_what_it_made() {
 fn a_signal_stops_serve_and_removes_its_sockets() {
     for signal in [rustix::process::Signal::TERM, rustix::process::Signal::INT] {
         let dir = with_source();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
-            .current_dir(&dir.root)
-            .args(["serve", "--journal", "J", "--source", "src.img"])
-            .args([
-                "--dest",
-                "dst.img",
-                "--socket",
-                "n.sock",
-                "--control",
-                "c.sock",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("serve");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !dir.path("c.sock").exists() {
-            assert!(Instant::now() < deadline, "serve did not start");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-            signal,
-        )
-        .expect("signal");
+        let mut child = start_serve(&dir, "J", "dst.img", Stdio::null());
+        send(&child, signal);
         let status = child.wait().expect("wait");
         assert_eq!(status.code(), Some(0), "{signal:?}");
         assert_eq!(dir.listing(), ["J", "dst.img", "src.img"], "{signal:?}");
@@ -354,28 +338,7 @@ fn a_signal_stops_serve_and_removes_its_sockets() {
 #[test]
 fn control_refusals_go_to_stderr_and_complete_is_idempotent() {
     let dir = with_source();
-    let mut serve = Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
-            .current_dir(&dir.root)
-            .args(["serve", "--journal", "J", "--source", "src.img"])
-            .args([
-                "--dest",
-                "dst.img",
-                "--socket",
-                "n.sock",
-                "--control",
-                "c.sock",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("serve"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !dir.path("c.sock").exists() {
-        assert!(Instant::now() < deadline, "serve did not start");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut serve = Killed(start_serve(&dir, "J", "dst.img", Stdio::null()));
     let ctl = ["--control", "c.sock"];
     let refused = check(&dir, &["complete", ctl[0], ctl[1]], BAD_INPUT);
     assert_stdout_empty(&refused);
@@ -508,37 +471,14 @@ fn a_made_file_is_removed_only_when_no_job_holds_it() {
 #[test]
 fn serve_outlives_its_stdout_reader_and_stops_without_its_control_socket() {
     let dir = with_source();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
-        .current_dir(&dir.root)
-        .args(["serve", "--journal", "J", "--source", "src.img"])
-        .args([
-            "--dest",
-            "dst.img",
-            "--socket",
-            "n.sock",
-            "--control",
-            "c.sock",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("serve");
+    let mut child = start_serve(&dir, "J", "dst.img", Stdio::piped());
     drop(child.stdout.take()); // nobody reads the announcement
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !dir.path("c.sock").exists() {
-        assert!(Instant::now() < deadline, "serve did not start");
-        std::thread::sleep(Duration::from_millis(5));
-    }
     std::thread::sleep(Duration::from_millis(300));
     assert!(child.try_wait().expect("wait").is_none(), "serve stopped");
     let status = check(&dir, &["status", "--control", "c.sock"], OK);
     assert!(status.stdout.contains("phase"), "{}", status.stdout);
     std::fs::remove_file(dir.path("c.sock")).unwrap();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::Signal::TERM,
-    )
-    .expect("SIGTERM");
+    send(&child, rustix::process::Signal::TERM);
     let deadline = Instant::now() + Duration::from_secs(10);
     let code = loop {
         if let Some(status) = child.try_wait().expect("wait") {
@@ -581,11 +521,7 @@ fn a_signal_while_serve_starts_ends_it_at_once() {
         .expect("serve");
     std::thread::sleep(Duration::from_millis(500));
     let sent = Instant::now();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::Signal::TERM,
-    )
-    .expect("SIGTERM");
+    send(&child, rustix::process::Signal::TERM);
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(143), "{status:?}");
     assert!(

@@ -350,6 +350,49 @@ fn listed_then_clean(job: &Job<SimDisk, SlowJournal>) {
     );
 }
 
+/// What a guest write to extent 0 meets while a checkpoint's journal sync
+/// is held at the gate.
+struct HeldCheckpoint {
+    /// The write had not returned when the gate opened.
+    waited: bool,
+    /// The checkpoint's outcome (`Err` when it panicked).
+    checkpoint: std::thread::Result<livecopy::Result<bool>>,
+    /// The write's outcome.
+    write: livecopy::Result<()>,
+}
+
+/// Holds the next journal sync at the gate, runs a checkpoint into it,
+/// writes to extent 0 meanwhile, then opens the gate. A write still
+/// waiting 30 s later fails the test rather than hanging it.
+fn write_while_a_checkpoint_is_held(
+    job: &Job<SimDisk, SlowJournal>,
+    jd: &SlowJournal,
+) -> HeldCheckpoint {
+    jd.gate.store(true, Ordering::Release);
+    std::thread::scope(|s| {
+        let checkpoint = s.spawn(|| job.checkpoint());
+        while !jd.waiting.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let guest = job.guest();
+        let (sent, written) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sent.send(guest.write(0, &[9u8; 512], false));
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let waited = written.try_recv().is_err();
+        jd.gate.store(false, Ordering::Release);
+        let write = written
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the write waiting for the checkpoint never returned");
+        HeldCheckpoint {
+            waited,
+            checkpoint: checkpoint.join(),
+            write,
+        }
+    })
+}
+
 /// A checkpoint drops extent 0 and its commit fails after the record's
 /// first copy is durable, while a guest write to extent 0 waits for it.
 /// The write must fail: going on, it would reach the images covered only
@@ -360,22 +403,14 @@ fn a_failed_checkpoint_commit_fails_the_write_waiting_for_it() {
     let (job, jd) = copied_over_a_slow_journal(8192);
     listed_then_clean(&job);
     jd.disk.fail_next_sync(true);
-    jd.gate.store(true, Ordering::Release);
-    let (checkpoint, write) = std::thread::scope(|s| {
-        let checkpoint = s.spawn(|| job.checkpoint());
-        while !jd.waiting.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let guest = job.guest();
-        let write = s.spawn(move || guest.write(0, &[9u8; 512], false));
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!write.is_finished(), "the write waits for the commit");
-        jd.gate.store(false, Ordering::Release);
-        (checkpoint.join().unwrap(), write.join().unwrap())
-    });
-    println!("checkpoint: {checkpoint:?}; the write that waited: {write:?}");
-    assert!(checkpoint.is_err());
-    assert!(write.is_err(), "a write went on past a failed commit");
+    let held = write_while_a_checkpoint_is_held(&job, &jd);
+    println!(
+        "checkpoint: {:?}; the write that waited: {:?}",
+        held.checkpoint, held.write
+    );
+    assert!(held.waited, "the write waits for the commit");
+    assert!(held.checkpoint.expect("no panic").is_err());
+    assert!(held.write.is_err(), "a write went on past a failed commit");
     assert_eq!(job.status().phase, JobPhase::Failed);
     // Whichever record the crash leaves, the resume makes the images equal.
     let (source, destination) = (job.source().clone(), job.destination().clone());
@@ -396,29 +431,13 @@ fn a_panicking_commit_never_leaves_a_writer_waiting() {
     let (job, jd) = copied_over_a_slow_journal(8192);
     listed_then_clean(&job);
     jd.panic.store(true, Ordering::Release);
-    jd.gate.store(true, Ordering::Release);
-    let (checkpoint, write) = std::thread::scope(|s| {
-        let checkpoint = s.spawn(|| job.checkpoint());
-        while !jd.waiting.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // Outside the scope, so that a write that never returns fails the
-        // test instead of hanging it.
-        let guest = job.guest();
-        let (sent, written) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = sent.send(guest.write(0, &[9u8; 512], false));
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        jd.gate.store(false, Ordering::Release);
-        let write = written
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the write waiting for the panicking commit never returned");
-        (checkpoint.join(), write)
-    });
-    println!("the write that waited for a panicking commit: {write:?}");
-    assert!(checkpoint.is_err(), "the commit panicked");
-    assert!(write.is_err());
+    let held = write_while_a_checkpoint_is_held(&job, &jd);
+    println!(
+        "the write that waited for a panicking commit: {:?}",
+        held.write
+    );
+    assert!(held.checkpoint.is_err(), "the commit panicked");
+    assert!(held.write.is_err());
     assert_eq!(job.status().phase, JobPhase::Failed);
     // Nothing may supersede the record that may be on the journal.
     jd.panic.store(false, Ordering::Release);
@@ -432,23 +451,10 @@ fn a_panicking_commit_never_leaves_a_writer_waiting() {
 fn a_listed_write_waits_for_a_checkpoint_that_drops_its_extent() {
     let (job, jd) = copied_over_a_slow_journal(8192);
     listed_then_clean(&job);
-    jd.gate.store(true, Ordering::Release);
-    std::thread::scope(|s| {
-        let checkpoint = s.spawn(|| job.checkpoint());
-        while !jd.waiting.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let guest = job.guest();
-        let write = s.spawn(move || guest.write(0, &[2u8; 512], false));
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(
-            !write.is_finished(),
-            "went on while the commit dropping it ran"
-        );
-        jd.gate.store(false, Ordering::Release);
-        checkpoint.join().unwrap().expect("checkpoint");
-        write.join().unwrap().expect("write");
-    });
+    let held = write_while_a_checkpoint_is_held(&job, &jd);
+    assert!(held.waited, "went on while the commit dropping it ran");
+    held.checkpoint.expect("no panic").expect("checkpoint");
+    held.write.expect("write");
     assert!(
         job.durable_progress().lists(0),
         "{:?}",
