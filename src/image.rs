@@ -202,12 +202,9 @@ impl<S: Storage> Image<S> {
 
     /// [`next_data`](Image::next_data), looking no further than `end`.
     pub fn next_data_before(&self, offset: u64, end: u64) -> Result<Option<std::ops::Range<u64>>> {
-        let found = if end == u64::MAX {
-            self.storage.next_data(offset)
-        } else {
-            self.storage.next_data_before(offset, end)
-        };
-        found.map_err(|e| Error::io(self.role.op(Op::SeekData), e))
+        self.storage
+            .next_data_before(offset, end)
+            .map_err(|e| Error::io(self.role.op(Op::SeekData), e))
     }
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {

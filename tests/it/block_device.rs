@@ -122,7 +122,7 @@ fn an_unaligned_guest_discard_keeps_a_job_on_block_devices_ready() {
 fn the_export_advertises_the_devices_logical_block_size() {
     use livecopy::export::ImageDevice;
     use livecopy::nbd::ExportDevice;
-    use livecopy::storage::{Endpoint, NbdAddress, NbdStorage};
+    use livecopy::storage::NbdStorage;
     use std::sync::Arc;
     let dir = tempfile::tempdir().expect("tempdir");
     let backing = dir.path().join("disk.img");
@@ -135,13 +135,7 @@ fn the_export_advertises_the_devices_logical_block_size() {
         let server = livecopy::nbd::bind_unix(&socket, export, "")
             .expect("bind")
             .spawn();
-        let address = NbdAddress {
-            endpoint: Endpoint::Unix { socket },
-            export: String::new(),
-            tls: false,
-            tls_certificates: None,
-            tls_hostname: None,
-        };
+        let address = crate::support::unix_address(&socket, "");
         let info = NbdStorage::connect(&address, false)
             .expect("connect")
             .info();

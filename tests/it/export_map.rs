@@ -13,11 +13,11 @@ use livecopy::engine::{Config, Job, StepOutcome};
 use livecopy::journal::Journal;
 use livecopy::journal::format::JOURNAL_LEN;
 use livecopy::nbd::bind_unix;
-use livecopy::storage::{Endpoint, NbdAddress, NbdStorage};
+use livecopy::storage::NbdStorage;
 use livecopy::storage::{FileStorage, SimDisk, Storage};
 
 use crate::serve::{KIB, Layout, MIB, TOOL_TIMEOUT, path_str, tool};
-use crate::support::{UUID, first_record};
+use crate::support::{UUID, first_record, unix_address};
 
 const SIZE: u64 = 64 * MIB;
 
@@ -171,18 +171,6 @@ fn nbd_clients_see_the_images_holes_through_the_export() {
     serve.kill();
 }
 
-fn unix_address(socket: &Path) -> NbdAddress {
-    NbdAddress {
-        endpoint: Endpoint::Unix {
-            socket: socket.to_path_buf(),
-        },
-        export: String::new(),
-        tls: false,
-        tls_certificates: None,
-        tls_hostname: None,
-    }
-}
-
 /// The export advertises multi-conn: a write acknowledged on one
 /// connection and a flush on another leave the write durable on both
 /// images (a power loss right after the flush keeps it).
@@ -205,8 +193,8 @@ fn a_flush_on_one_connection_covers_another_connections_writes() {
     let server = bind_unix(&socket, Arc::new(job.guest()), "")
         .expect("bind")
         .spawn();
-    let writer = NbdStorage::connect(&unix_address(&socket), true).expect("first connection");
-    let flusher = NbdStorage::connect(&unix_address(&socket), true).expect("second connection");
+    let writer = NbdStorage::connect(&unix_address(&socket, ""), true).expect("first connection");
+    let flusher = NbdStorage::connect(&unix_address(&socket, ""), true).expect("second connection");
     assert!(writer.info().flags & livecopy::nbd::proto::TFLAG_CAN_MULTI_CONN != 0);
     let mut cases = 0;
     for (n, offset) in [0u64, 5 * 4096 + 17, size - 4096].into_iter().enumerate() {

@@ -12,24 +12,14 @@ use std::time::{Duration, Instant};
 
 use livecopy::nbd::proto::{self, Command as Cmd};
 use livecopy::nbd::structured as st;
-use livecopy::storage::{Endpoint, NbdAddress, NbdOptions, NbdStorage, Storage};
+use livecopy::storage::{NbdOptions, NbdStorage, Storage};
 
 use crate::support::spawning;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 48 * MIB;
 
-fn unix_address(socket: &Path, export: &str) -> NbdAddress {
-    NbdAddress {
-        endpoint: Endpoint::Unix {
-            socket: socket.to_path_buf(),
-        },
-        export: export.into(),
-        tls: false,
-        tls_certificates: None,
-        tls_hostname: None,
-    }
-}
+use crate::support::unix_address;
 
 /// A server process, killed and reaped when dropped.
 pub(crate) struct Server {

@@ -13,20 +13,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use livecopy::nbd::proto::{self, Command as Cmd};
-use livecopy::storage::{Endpoint, NbdAddress, NbdOptions, NbdStorage, Storage};
+use livecopy::storage::{NbdAddress, NbdOptions, NbdStorage, Storage};
 
 const SIZE: u64 = 8 << 20;
 
 fn addr(socket: &Path) -> NbdAddress {
-    NbdAddress {
-        endpoint: Endpoint::Unix {
-            socket: socket.to_path_buf(),
-        },
-        export: String::new(),
-        tls: false,
-        tls_certificates: None,
-        tls_hostname: None,
-    }
+    crate::support::unix_address(socket, "")
 }
 
 #[derive(Default)]

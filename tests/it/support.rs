@@ -3,7 +3,7 @@
 use livecopy::journal::{ImageRecord, ImageRef, Journal, Phase, Record};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use livecopy::storage::SimDisk;
+use livecopy::storage::{Endpoint, NbdAddress, SimDisk};
 
 /// The job id every test record uses.
 pub const JOB_ID: [u8; 16] = *b"test-job-0000001";
@@ -108,5 +108,18 @@ pub fn run_copyctl(args: &[&str]) -> Run {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// A plain (no TLS) NBD address of export `export` on a Unix socket.
+pub fn unix_address(socket: &std::path::Path, export: &str) -> NbdAddress {
+    NbdAddress {
+        endpoint: Endpoint::Unix {
+            socket: socket.to_path_buf(),
+        },
+        export: export.into(),
+        tls: false,
+        tls_certificates: None,
+        tls_hostname: None,
     }
 }
