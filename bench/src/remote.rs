@@ -469,7 +469,15 @@ fn plain_copy(
             c
         }
     };
-    cmd.arg(&src).arg(&export.uri);
+    match (tool, tls) {
+        // libnbd takes the credentials in the URI.
+        (Tool::Nbdcopy, Some(creds)) => cmd.arg(&src).arg(format!(
+            "{}?tls-certificates={}",
+            export.uri,
+            creds.client.display()
+        )),
+        _ => cmd.arg(&src).arg(&export.uri),
+    };
     let result = run_timed(&mut cmd);
     export.stop();
     let (t, _) = result?;
@@ -540,6 +548,9 @@ pub fn tls_cost(ctx: &mut Ctx, creds: &Creds) -> Res<()> {
     // [clear, tls]
     let mut live: [Series; 2] = Default::default();
     let mut copies: [Vec<f64>; 2] = Default::default();
+    // The same copy by libnbd's client: what TLS costs when the client
+    // is not ours, the server's share of the ratio.
+    let mut nbdcopies: [Vec<f64>; 2] = Default::default();
     for rep in 0..ctx.reps {
         for k in 0..2 {
             let i = (rep + k) % 2;
@@ -551,6 +562,9 @@ pub fn tls_cost(ctx: &mut Ctx, creds: &Creds) -> Res<()> {
             let t = plain_copy(ctx, &ns, None, tls, Tool::Ours, rep == 0)?;
             eprintln!("   rep {rep}: copyctl copy, {what}: {t:.3} s");
             copies[i].push(t);
+            let t = plain_copy(ctx, &ns, None, tls, Tool::Nbdcopy, rep == 0)?;
+            eprintln!("   rep {rep}: nbdcopy, {what}: {t:.3} s");
+            nbdcopies[i].push(t);
         }
     }
     drop(ns);
@@ -596,6 +610,15 @@ pub fn tls_cost(ctx: &mut Ctx, creds: &Creds) -> Res<()> {
         Better::Lower,
         ("TLS", &copies[1]),
         ("clear", &copies[0]),
+    );
+    r.row(
+        "tls.nbdcopy",
+        &section,
+        "`nbdcopy --flush`, wall time, flushed",
+        "s",
+        Better::Lower,
+        ("TLS", &nbdcopies[1]),
+        ("clear", &nbdcopies[0]),
     );
     r.note(format!(
         "9: the live copy over TLS uses scenario 8's namespaces and export (no added latency); \

@@ -106,6 +106,8 @@ pub struct ExportInfo {
     pub structured: bool,
     /// The id of `base:allocation`, when the server offers it.
     pub allocation: Option<u32>,
+    /// The TLS cipher suite of the first connection, `None` in clear.
+    pub tls_suite: Option<&'static str>,
 }
 
 impl ExportInfo {

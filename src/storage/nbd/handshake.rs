@@ -82,9 +82,13 @@ pub(super) fn open(
             TlsStream::connect(stream, &target.config, target.name.clone()).map_err(what)?,
         );
     }
+    let tls_suite = match &stream {
+        Stream::Tls(session) => session.cipher_suite(),
+        _ => None,
+    };
     let mut reader = stream.try_clone().map_err(what)?;
     let mut writer = stream;
-    let info = handshake(&mut reader, &mut writer, &address.export)
+    let mut info = handshake(&mut reader, &mut writer, &address.export)
         .map_err(|e| match tls {
             // Under TLS 1.3 the server checks our certificate after our
             // side of the handshake is done; GnuTLS servers then just
@@ -118,6 +122,10 @@ pub(super) fn open(
             _ => e,
         })
         .map_err(what)?;
+    if let Some(suite) = &tls_suite {
+        tracing::debug!("{address}: TLS session, {suite}");
+    }
+    info.tls_suite = tls_suite;
     reader.set_read_timeout(None).map_err(what)?;
     if writable && info.has(proto::TFLAG_READ_ONLY) {
         return Err(Error::InvalidInput(format!(
@@ -353,5 +361,6 @@ pub(super) fn handshake(
         block,
         structured,
         allocation,
+        tls_suite: None,
     })
 }
