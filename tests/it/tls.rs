@@ -647,30 +647,7 @@ fn connect_error(uri: &str, creds: Option<&Path>, why: &[&str]) -> String {
 fn our_client_through_qemu_nbd_over_tls_on_a_unix_socket() {
     let pki = pki();
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    std::fs::write(&image, vec![0u8; MIB]).unwrap();
-    let socket = dir.path().join("qemu-nbd.sock");
-    let object = format!(
-        "tls-creds-x509,id=tls0,endpoint=server,dir={}",
-        pki.server.display()
-    );
-    let args = [
-        "--object",
-        &object,
-        "--tls-creds",
-        "tls0",
-        "--format=raw",
-        "--persistent",
-        "--export-name=disk",
-        "--socket",
-        socket.to_str().unwrap(),
-        image.to_str().unwrap(),
-    ]
-    .map(String::from);
-    let server = daemon("qemu-nbd", &args, || {
-        std::os::unix::net::UnixStream::connect(&socket).is_ok()
-    });
-    // The certificate's name for a Unix socket: "localhost" by default.
+    let (server, image, socket) = qemu_nbd_tls(&pki, dir.path(), None);
     let uri = format!("nbds+unix:///disk?socket={}", socket.display());
     let storage = NbdStorage::connect_with(&location(&uri), true, options(Some(&pki.client)))
         .expect("connect over TLS");
@@ -695,6 +672,56 @@ fn our_client_through_qemu_nbd_over_tls_on_a_unix_socket() {
         file[64 << 10..(64 << 10) + 16].iter().any(|&b| b != 0),
         "the write is missing"
     );
+}
+
+/// qemu-nbd serving a fresh 1 MiB image over TLS on a Unix socket (the
+/// certificate's name for it: "localhost"), with `priority` as its GnuTLS
+/// priority string when given: (server, image, socket).
+fn qemu_nbd_tls(pki: &Pki, dir: &Path, priority: Option<&str>) -> (Daemon, PathBuf, PathBuf) {
+    let image = dir.join("disk.raw");
+    std::fs::write(&image, vec![0u8; MIB]).unwrap();
+    let socket = dir.join("qemu-nbd.sock");
+    let mut object = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+        pki.server.display()
+    );
+    if let Some(priority) = priority {
+        object.push_str(&format!(",priority={priority}"));
+    }
+    let args = [
+        "--object",
+        &object,
+        "--tls-creds",
+        "tls0",
+        "--format=raw",
+        "--persistent",
+        "--export-name=disk",
+        "--socket",
+        socket.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ]
+    .map(String::from);
+    let server = daemon("qemu-nbd", &args, || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    (server, image, socket)
+}
+
+/// A server held to TLS 1.2 (a GnuTLS priority string) still gets
+/// AES-128-GCM first.
+#[test]
+fn a_tls_1_2_server_also_gets_aes_128_first() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, _, socket) = qemu_nbd_tls(&pki, dir.path(), Some("NORMAL:-VERS-TLS1.3"));
+    let uri = format!("nbds+unix:///disk?socket={}", socket.display());
+    let storage = NbdStorage::connect_with(&location(&uri), true, options(Some(&pki.client)))
+        .expect("connect over TLS 1.2");
+    assert_eq!(
+        storage.info().tls_suite,
+        Some("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256")
+    );
+    round_trip(&storage, 9);
 }
 
 #[test]
