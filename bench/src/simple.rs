@@ -400,8 +400,8 @@ pub fn memory(ctx: &mut Ctx) -> Res<()> {
         rss_qemu.push(kib / 1024.0);
         remove(&dst)?;
     }
-    // The journals stay for scenario 6.
-    remove(&ctx.path("mem-small.raw"))?;
+    // The journals and their images stay for scenario 6: `recover` checks
+    // that the image it names exists (exit 10 when it does not).
     let small_name = format!("copyctl copy, {}", human(small_size));
     let growth = (bitmap_bytes(ctx.sizes.huge) - bitmap_bytes(small_size)) as f64 / MIB as f64;
     let r = &mut ctx.report;
@@ -437,7 +437,8 @@ pub fn memory(ctx: &mut Ctx) -> Res<()> {
 pub fn recover(ctx: &mut Ctx) -> Res<()> {
     let small = ctx.path("mem-small.journal");
     let huge = ctx.path("mem-huge.journal");
-    if !small.exists() || !huge.exists() {
+    let images = [ctx.path("mem-small.raw"), ctx.path("mem-huge.raw")];
+    if !small.exists() || !huge.exists() || images.iter().any(|i| !i.exists()) {
         // Scenario 7 did not run: make the two jobs.
         let huge_img = huge_image(ctx)?;
         for (img, j, d) in [
@@ -446,7 +447,6 @@ pub fn recover(ctx: &mut Ctx) -> Res<()> {
         ] {
             ours_copy(ctx, &img, &d, j)?;
         }
-        remove(&ctx.path("mem-small.raw"))?;
     }
     sync_everything()?;
     let (mut t_small, mut t_huge, mut t_version) = (vec![], vec![], vec![]);
@@ -498,5 +498,6 @@ pub fn recover(ctx: &mut Ctx) -> Res<()> {
         ("copyctl recover", &t_small),
         ("`copyctl --version`", &t_version),
     );
+    remove(&ctx.path("mem-small.raw"))?;
     Ok(())
 }
