@@ -147,9 +147,10 @@ pub struct TuningArgs {
     #[arg(long, value_parser = crate::size::parse_size)]
     pub bandwidth: Option<u64>,
     /// Bulk-copy requests in flight while the guest is busy (a request in
-    /// the last 20 ms).
-    #[arg(long, default_value_t = 1, value_parser = workers)]
-    pub busy_workers: usize,
+    /// the last 20 ms); by default 1 into a file or device, 2 into an NBD
+    /// export.
+    #[arg(long, value_parser = workers)]
+    pub busy_workers: Option<usize>,
     /// Largest bulk-copy request while the guest is busy.
     #[arg(long = "busy-chunk", default_value = "128K", value_parser = crate::size::parse_size)]
     pub busy_chunk_size: u64,

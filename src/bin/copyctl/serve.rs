@@ -42,10 +42,10 @@ struct Plan {
 
 fn new_job(args: &ServeArgs) -> anyhow::Result<Plan> {
     // Before the destination is created: a refused tuning leaves nothing.
-    let config = crate::copy::config(&args.tuning);
-    config.validate()?;
     let source = crate::copy::location(&args.source)?;
     let destination = crate::copy::location(&args.destination)?;
+    let config = crate::copy::config(&args.tuning, &destination);
+    config.validate()?;
     crate::copy::warn_settings(&config);
     let options = crate::copy::nbd_options(&args.tuning);
     crate::copy::check_new_journal(&args.journal)?;
@@ -126,7 +126,7 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
         );
         let job = files::resume_at(
             &args.journal,
-            crate::copy::config(&args.tuning),
+            crate::copy::config(&args.tuning, &destination),
             &crate::copy::nbd_options(&args.tuning),
             copy,
             Some((&source_location, &destination)),
