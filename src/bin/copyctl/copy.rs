@@ -28,7 +28,8 @@ pub fn config(args: &crate::args::TuningArgs, destination: &Location) -> Config 
             // the pass paced by latency: two cut Ready under a writer by
             // about a third (bench/run scenarios 8 and 9) for a tenth of
             // the writer's throughput.
-            Location::Nbd(_) => 2,
+            // Never more than the workers there are.
+            Location::Nbd(_) => args.workers.min(2),
             Location::Path(_) => 1,
         }),
         busy_chunk_size: args.busy_chunk_size,
@@ -370,6 +371,7 @@ mod tests {
             (&[], "nbds+unix:///disk?socket=/run/d.sock", 2),
             (&["--busy-workers", "1"], "nbd://10.0.0.2/disk", 1),
             (&["--busy-workers", "3"], "/var/lib/images/disk.raw", 3),
+            (&["--workers", "1"], "nbd://10.0.0.2/disk", 1),
         ];
         for (args, destination, want) in cases {
             assert_eq!(
