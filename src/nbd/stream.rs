@@ -74,6 +74,17 @@ impl Stream {
         }
     }
 
+    /// The socket's descriptor; `None` under TLS (whose records are not
+    /// the caller's bytes).
+    pub fn plain_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match self {
+            Stream::Unix(s) => Some(s.as_fd()),
+            Stream::Tcp(s) => Some(s.as_fd()),
+            Stream::Tls(_) => None,
+        }
+    }
+
     /// `SO_RCVTIMEO`.
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {

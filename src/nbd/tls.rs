@@ -390,11 +390,25 @@ struct Output {
 }
 
 impl Output {
-    /// Seals everything rustls has to send, lets the session go, and puts
-    /// the records on the socket. The session is not held across the
-    /// socket write: a reader must be able to drain the peer while this
-    /// write waits for the peer to read.
+    /// Puts everything rustls has to send on the socket. The session is
+    /// never held across a socket write that waits: a reader must be able
+    /// to drain the peer while this write waits for the peer to read. So
+    /// records go straight from rustls's buffers to the socket while it
+    /// takes them at once; what it does not take is copied out, the
+    /// session let go, and the rest written.
     fn send(&mut self, mut conn: MutexGuard<'_, rustls::Connection>) -> io::Result<()> {
+        while conn.wants_write() {
+            match conn.write_tls(&mut NoWait(&self.socket)) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if !conn.wants_write() {
+            return Ok(());
+        }
         self.sealed.clear();
         while conn.wants_write() {
             conn.write_tls(&mut self.sealed)?;
@@ -406,6 +420,41 @@ impl Output {
             self.sealed = Vec::new();
         }
         sent
+    }
+}
+
+/// A socket write that never waits: `MSG_DONTWAIT`, `WouldBlock` when
+/// the socket's buffer is full.
+struct NoWait<'a>(&'a Stream);
+
+impl NoWait<'_> {
+    fn fd(&self) -> io::Result<std::os::fd::BorrowedFd<'_>> {
+        self.0
+            .plain_fd()
+            .ok_or_else(|| io::Error::other("TLS inside TLS"))
+    }
+}
+
+const NO_WAIT: rustix::net::SendFlags =
+    rustix::net::SendFlags::DONTWAIT.union(rustix::net::SendFlags::NOSIGNAL);
+
+impl Write for NoWait<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(rustix::net::send(self.fd()?, buf, NO_WAIT)?)
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let mut control = rustix::net::SendAncillaryBuffer::default();
+        Ok(rustix::net::sendmsg(
+            self.fd()?,
+            bufs,
+            &mut control,
+            NO_WAIT,
+        )?)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
