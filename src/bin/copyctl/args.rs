@@ -147,8 +147,8 @@ pub struct TuningArgs {
     #[arg(long, value_parser = crate::size::parse_size)]
     pub bandwidth: Option<u64>,
     /// Bulk-copy requests in flight while the guest is busy (a request in
-    /// the last 20 ms); by default 1 into a file or device, 2 into an NBD
-    /// export.
+    /// the last 20 ms); by default 1 into a file or device, 2 (at most
+    /// --workers) into an NBD export.
     #[arg(long, value_parser = workers)]
     pub busy_workers: Option<usize>,
     /// Largest bulk-copy request while the guest is busy.

@@ -23,11 +23,11 @@ pub fn config(args: &crate::args::TuningArgs, destination: &Location) -> Config 
         bandwidth: args.bandwidth,
         busy_workers: args.busy_workers.unwrap_or(match destination {
             // One request in flight keeps a local destination's inode
-            // lock free for the guest's mirrored writes. An export has no
-            // such lock on this host, and one request a round trip left
-            // the pass paced by latency: two cut Ready under a writer by
-            // about a third (bench/run scenarios 8 and 9) for a tenth of
-            // the writer's throughput.
+            // lock free for the guest's mirrored writes. Into an export
+            // one request a round trip left the pass paced by latency:
+            // two brought Ready under a writer about twice as fast (bench/run
+            // scenario 8), for a tenth of the writer's throughput with no
+            // added latency and a third with 1 ms per request.
             // Never more than the workers there are.
             Location::Nbd(_) => args.workers.min(2),
             Location::Path(_) => 1,
