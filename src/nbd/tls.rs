@@ -428,10 +428,12 @@ impl Output {
 struct NoWait<'a>(&'a Stream);
 
 impl NoWait<'_> {
+    /// A session over another session has no descriptor to send on at
+    /// once: its records take the copied-out path.
     fn fd(&self) -> io::Result<std::os::fd::BorrowedFd<'_>> {
         self.0
             .plain_fd()
-            .ok_or_else(|| io::Error::other("TLS inside TLS"))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock))
     }
 }
 

@@ -1144,3 +1144,33 @@ fn a_tls_error_is_reported_while_a_writer_is_blocked() {
         Err(_) => panic!("the reader waited behind the blocked writer"),
     }
 }
+
+/// A session over another session (nothing in livecopy nests them, but
+/// the stream takes any `Stream`): its records have no socket to go to
+/// at once and take the copied-out path.
+#[test]
+fn a_session_inside_a_session_carries_data() {
+    use livecopy::nbd::Stream;
+    use livecopy::nbd::tls::TlsStream;
+    let pki = pki();
+    let server_tls = tls::server_config(&pki.server, &[]).expect("server credentials");
+    let client_tls = tls::client_config(&pki.client).expect("client credentials");
+    let name = || tls::server_name("localhost").expect("name");
+    let (a, b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let server = std::thread::spawn(move || {
+        let outer = TlsStream::accept(Stream::Unix(a), &server_tls).expect("outer accept");
+        let mut inner = TlsStream::accept(Stream::Tls(outer), &server_tls).expect("inner accept");
+        let mut got = vec![0u8; 5];
+        inner.read_exact(&mut got).expect("inner read");
+        inner.write_all(&got).expect("inner echo");
+        got
+    });
+    let outer = TlsStream::connect(Stream::Unix(b), &client_tls, name()).expect("outer connect");
+    let mut inner =
+        TlsStream::connect(Stream::Tls(outer), &client_tls, name()).expect("inner connect");
+    inner.write_all(b"hello").expect("inner write");
+    let mut echo = vec![0u8; 5];
+    inner.read_exact(&mut echo).expect("inner read");
+    assert_eq!(server.join().unwrap(), b"hello");
+    assert_eq!(echo, b"hello");
+}
