@@ -12,7 +12,8 @@
 //! are measured through that same extra hop, which adds the same work to
 //! each side and so narrows any gap between them.
 //!
-//! The live copy into a TLS export (scenario 8 over TLS) is not measured.
+//! What TLS costs a live copy and a plain copy into a remote export
+//! (scenario 8's namespaces, TLS against clear) is [`crate::remote::tls_cost`].
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
