@@ -125,6 +125,18 @@ fn claim<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Option<Range<u64>> {
 
 /// Copies one run. See [`super::Job::copy_step`].
 pub(super) fn step<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<StepOutcome> {
+    step_with(shared, &mut Vec::new())
+}
+
+/// [`step`] with a buffer the caller keeps between steps: a fresh one per
+/// run (a megabyte, above malloc's mmap threshold) was a map, a page fault
+/// per page, zeroing and an unmap every time.
+/// The source's read fills every byte of the part used (the `Storage`
+/// contract), so what an earlier run left there never reaches a write.
+fn step_with<S: Storage, J: Storage>(
+    shared: &Shared<S, J>,
+    scratch: &mut Vec<u8>,
+) -> Result<StepOutcome> {
     if shared.phase() != JobPhase::Copying {
         return Ok(StepOutcome::Done);
     }
@@ -138,9 +150,11 @@ pub(super) fn step<S: Storage, J: Storage>(shared: &Shared<S, J>) -> Result<Step
     let held = shared.ranges.lock(start..end);
     // Aligned for a direct write of the destination (see below).
     let len = (end - start) as usize;
-    let mut raw = vec![0u8; len + DIRECT_ALIGN];
-    let skip = raw.as_ptr().align_offset(DIRECT_ALIGN);
-    let buf = &mut raw[skip..skip + len];
+    if scratch.len() < len + DIRECT_ALIGN {
+        scratch.resize(len + DIRECT_ALIGN, 0);
+    }
+    let skip = scratch.as_ptr().align_offset(DIRECT_ALIGN);
+    let buf = &mut scratch[skip..skip + len];
     if let Err(e) = shared.source.read(start, buf) {
         // The pass cannot finish; the guest keeps the source, and its own
         // requests report their own errors.
@@ -225,6 +239,7 @@ pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>, worker: usize) 
     lower_priority(shared);
     let started = Instant::now();
     let mut copied_here = 0u64;
+    let mut scratch = Vec::new();
     while !shared.stop.load(Ordering::Acquire) {
         if worker >= shared.config.busy_workers && shared.guest_busy() {
             // Stand aside while the guest is busy; check again soon.
@@ -234,7 +249,7 @@ pub(super) fn run<S: Storage, J: Storage>(shared: &Shared<S, J>, worker: usize) 
         if shared.guest_in_flight() > 0 {
             shared.yield_to_guest(shared.config.guest_grace);
         }
-        match step(shared) {
+        match step_with(shared, &mut scratch) {
             Ok(StepOutcome::Copied(n)) => {
                 copied_here += n;
                 if let Some(limit) = shared.config.bandwidth {
