@@ -644,12 +644,25 @@ fn targets(r: &mut Report) {
         {
             // What the same export costs libnbd's client, for reading the
             // ratio: the server decrypts on one thread.
-            let theirs = match r.pair_ratios("tls.nbdcopy") {
+            let mut theirs = match r.pair_ratios("tls.nbdcopy") {
                 t if key == "tls.copy" && !t.is_empty() => {
                     format!("; `nbdcopy` into the same export: {:.2}", median(&t))
                 }
                 _ => String::new(),
             };
+            // The export's one thread decrypts: its CPU time against the
+            // copy's wall time says who bounds the copy.
+            if let (true, Some(tls), Some(clear)) = (
+                key == "tls.copy",
+                f(r, "tls.copy.export.ours"),
+                f(r, "tls.copy.export.peer"),
+            ) {
+                theirs.push_str(&format!(
+                    "; the export's CPU during it: {} s vs {} s",
+                    fmt(tls),
+                    fmt(clear)
+                ));
+            }
             // TLS and clear alternate, so each pair shares the machine's
             // moment: the same copy moved 4.6-12.5 s within one run.
             let ratios = r.pair_ratios(key);

@@ -433,6 +433,37 @@ enum Tool {
     Nbdcopy,
 }
 
+/// What one plain copy took: wall seconds from spawn to exit, and the CPU
+/// seconds of the copying process and of the export's qemu-storage-daemon
+/// meanwhile (user and system, every thread).
+struct CopyRun {
+    wall: f64,
+    cpu: f64,
+    export_cpu: f64,
+}
+
+/// CPU seconds (user and system, all threads) `pid` has used so far.
+fn cpu_of(pid: u32) -> Res<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ctx(|| format!("read /proc/{pid}/stat"))?;
+    // The fields after the command name, which is in parentheses and may
+    // hold spaces: utime and stime are the 12th and 13th after it.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| format!("bad /proc/{pid}/stat: {stat:?}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Res<f64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .map(|t| t as f64)
+            .ok_or_else(|| format!("bad /proc/{pid}/stat: {stat:?}"))
+    };
+    // USER_HZ: /proc counts in hundredths of a second on Linux.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
 /// One plain copy of the source into a fresh export, from spawn to exit.
 /// `check`: compare the destination with the source afterwards.
 fn plain_copy(
@@ -442,12 +473,17 @@ fn plain_copy(
     tls: Option<&Creds>,
     tool: Tool,
     check: bool,
-) -> Res<f64> {
+) -> Res<CopyRun> {
     let src = ctx.full_image();
-    let export = start_export(ctx, ns, src_size(ctx)?, delay, tls)?;
+    let mut export = start_export(ctx, ns, src_size(ctx)?, delay, tls)?;
     let journal = ctx.path("remote-copy.journal");
     remove_journal(&journal)?;
     sync_everything()?;
+    let times = ctx.path("remote-copy.time");
+    remove(&times)?;
+    // `ip netns exec` execs the program: /usr/bin/time's child is the tool.
+    let mut timed = Command::new("/usr/bin/time");
+    timed.arg("-o").arg(&times).args(["-f", "%U %S"]);
     let mut cmd = match tool {
         Tool::Ours => {
             let mut c = command_in(Some(&ns.b), &ctx.copyctl);
@@ -478,16 +514,35 @@ fn plain_copy(
         )),
         _ => cmd.arg(&src).arg(&export.uri),
     };
-    let result = run_timed(&mut cmd);
+    timed.arg(cmd.get_program()).args(cmd.get_args());
+    let export_pid = export.qsd.child().id();
+    let before = cpu_of(export_pid)?;
+    let result = run_timed(&mut timed);
+    let after = cpu_of(export_pid);
     export.stop();
     let (t, _) = result?;
+    let export_cpu = after? - before;
+    let text = std::fs::read_to_string(&times).ctx(|| "read /usr/bin/time's output".into())?;
+    let cpu = text
+        .lines()
+        .last()
+        .and_then(|l| {
+            let mut f = l.split_whitespace().map(|x| x.parse::<f64>().ok());
+            Some(f.next()?? + f.next()??)
+        })
+        .ok_or_else(|| format!("bad /usr/bin/time output {text:?}"))?;
+    remove(&times)?;
     if check && !same_contents(&src, &dst_path(ctx))? {
         fail!(
             "{} made a destination that differs from its source",
             tool_name(tool)
         );
     }
-    Ok(secs(t))
+    Ok(CopyRun {
+        wall: secs(t),
+        cpu,
+        export_cpu,
+    })
 }
 
 fn tool_name(tool: Tool) -> &'static str {
@@ -548,6 +603,11 @@ pub fn tls_cost(ctx: &mut Ctx, creds: &Creds) -> Res<()> {
     // [clear, tls]
     let mut live: [Series; 2] = Default::default();
     let mut copies: [Vec<f64>; 2] = Default::default();
+    // CPU seconds of copyctl copy, and of the export during it and during
+    // nbdcopy: where TLS's cost lands.
+    let mut copy_cpu: [Vec<f64>; 2] = Default::default();
+    let mut export_cpu: [Vec<f64>; 2] = Default::default();
+    let mut nbdcopy_export_cpu: [Vec<f64>; 2] = Default::default();
     // The same copy by libnbd's client: what TLS costs when the client
     // is not ours, the server's share of the ratio.
     let mut nbdcopies: [Vec<f64>; 2] = Default::default();
@@ -559,12 +619,21 @@ pub fn tls_cost(ctx: &mut Ctx, creds: &Creds) -> Res<()> {
             let r = ours_live(ctx, &ns, None, tls, 900 + rep as u64)?;
             eprintln!("   rep {rep}: live copy, {what}: {}", show(&r));
             live[i].add(&r);
-            let t = plain_copy(ctx, &ns, None, tls, Tool::Ours, rep == 0)?;
-            eprintln!("   rep {rep}: copyctl copy, {what}: {t:.3} s");
-            copies[i].push(t);
-            let t = plain_copy(ctx, &ns, None, tls, Tool::Nbdcopy, rep == 0)?;
-            eprintln!("   rep {rep}: nbdcopy, {what}: {t:.3} s");
-            nbdcopies[i].push(t);
+            let r = plain_copy(ctx, &ns, None, tls, Tool::Ours, rep == 0)?;
+            eprintln!(
+                "   rep {rep}: copyctl copy, {what}: {:.3} s (CPU {:.2} s, the export's {:.2} s)",
+                r.wall, r.cpu, r.export_cpu
+            );
+            copies[i].push(r.wall);
+            copy_cpu[i].push(r.cpu);
+            export_cpu[i].push(r.export_cpu);
+            let r = plain_copy(ctx, &ns, None, tls, Tool::Nbdcopy, rep == 0)?;
+            eprintln!(
+                "   rep {rep}: nbdcopy, {what}: {:.3} s (CPU {:.2} s, the export's {:.2} s)",
+                r.wall, r.cpu, r.export_cpu
+            );
+            nbdcopies[i].push(r.wall);
+            nbdcopy_export_cpu[i].push(r.export_cpu);
         }
     }
     drop(ns);
@@ -612,6 +681,24 @@ pub fn tls_cost(ctx: &mut Ctx, creds: &Creds) -> Res<()> {
         ("clear", &copies[0]),
     );
     r.row(
+        "tls.copy.cpu",
+        &section,
+        "copyctl copy's CPU time (user + system)",
+        "s",
+        Better::Lower,
+        ("TLS", &copy_cpu[1]),
+        ("clear", &copy_cpu[0]),
+    );
+    r.row(
+        "tls.copy.export",
+        &section,
+        "the export's CPU time during copyctl copy (qemu-storage-daemon, every thread)",
+        "s",
+        Better::Lower,
+        ("TLS", &export_cpu[1]),
+        ("clear", &export_cpu[0]),
+    );
+    r.row(
         "tls.nbdcopy",
         &section,
         "`nbdcopy --flush`, wall time, flushed",
@@ -619,6 +706,15 @@ pub fn tls_cost(ctx: &mut Ctx, creds: &Creds) -> Res<()> {
         Better::Lower,
         ("TLS", &nbdcopies[1]),
         ("clear", &nbdcopies[0]),
+    );
+    r.row(
+        "tls.nbdcopy.export",
+        &section,
+        "the export's CPU time during `nbdcopy --flush`",
+        "s",
+        Better::Lower,
+        ("TLS", &nbdcopy_export_cpu[1]),
+        ("clear", &nbdcopy_export_cpu[0]),
     );
     r.note(format!(
         "9: the live copy over TLS uses scenario 8's namespaces and export (no added latency); \
@@ -670,7 +766,7 @@ pub fn run(ctx: &mut Ctx) -> Res<()> {
             for k in 0..tools.len() {
                 let i = (rep + k) % tools.len();
                 let check = rep == 0 && tools[i] == Tool::Ours;
-                let t = plain_copy(ctx, &ns, delay, None, tools[i], check)?;
+                let t = plain_copy(ctx, &ns, delay, None, tools[i], check)?.wall;
                 eprintln!("   rep {rep}, {name}: {} {t:.3} s", tool_name(tools[i]));
                 copies[v][i].push(t);
             }
