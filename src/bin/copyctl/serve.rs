@@ -186,14 +186,16 @@ fn server_tls(args: &ServeArgs) -> anyhow::Result<Option<nbd::tls::ServerTls>> {
     Ok(Some(tls))
 }
 
-/// Set once serving started (every listener bound).
+/// Set once start-up has nothing left that may wait long, before the first
+/// socket is made: a socket on disk is then always serve's to remove.
 static SERVING: AtomicBool = AtomicBool::new(false);
 
 /// SIGINT and SIGTERM: before serving, the process ends at once with
 /// 128 + the signal, as a kill would (start-up may wait long on an NBD
 /// server; a new job's journal then stays, and `--resume` continues it);
 /// once serving, the returned channel says which signal came, and `run`
-/// stops cleanly.
+/// stops cleanly, even when the signal came while the sockets were being
+/// made.
 fn stop_on_signals() -> anyhow::Result<std::sync::mpsc::Receiver<i32>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
@@ -251,7 +253,8 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
         authoritative = %plan.image,
         "started"
     );
-    let unix = nbd::bind_unix(&args.socket, Arc::clone(&plan.device), &args.export)?.spawn();
+    // TCP first: naming its address may wait on a resolver, and it leaves
+    // nothing on disk.
     let tcp = match &args.tcp {
         Some(addr) => {
             let server = nbd::bind_tcp(addr.as_str(), Arc::clone(&plan.device), &args.export)
@@ -264,11 +267,14 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
         }
         None => None,
     };
+    // From here a signal waits in `stop` until the sockets exist, and the
+    // drops below remove them: exiting at once would leave them behind.
+    SERVING.store(true, Ordering::SeqCst);
+    let unix = nbd::bind_unix(&args.socket, Arc::clone(&plan.device), &args.export)?.spawn();
     let control = control::serve(&args.control, Arc::clone(&plan.controller))?;
     // Serving: a switch may come now, and with it writes on the
     // destination alone. What this command made is the job's from here on.
     plan.created.drain(..).for_each(CreatedFile::keep);
-    SERVING.store(true, Ordering::SeqCst);
     let json = json!({
         "event": "serving",
         "socket": args.socket,
