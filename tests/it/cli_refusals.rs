@@ -512,6 +512,70 @@ fn serve_outlives_its_stdout_reader_and_stops_without_its_control_socket() {
     assert_eq!(dir.listing(), ["J", "dst.img", "src.img"]);
 }
 
+/// A signal that comes while serve starts never leaves a socket behind,
+/// even when the "stopped" message waits on a stderr nobody reads: serve
+/// either ends before making its sockets or serves and removes them.
+#[test]
+fn a_signal_at_any_moment_of_start_up_leaves_no_socket() {
+    use std::io::{Read, Write};
+    let mut outcomes = std::collections::BTreeMap::new();
+    for round in 0..40u64 {
+        let dir = with_source();
+        // A full pipe: the first write to stderr blocks until drained.
+        let (mut reader, mut writer) = std::io::pipe().expect("pipe");
+        writer.write_all(&[b'.'; 65536]).expect("fill the pipe");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
+            .current_dir(&dir.root)
+            .args(["serve", "--journal", "J", "--source", "src.img"])
+            .args([
+                "--dest",
+                "dst.img",
+                "--socket",
+                "n.sock",
+                "--control",
+                "c.sock",
+            ])
+            .env("COPYCTL_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(writer)
+            .spawn()
+            .expect("serve");
+        // Spread over start-up: before the handler, while the job is
+        // made, while the sockets are made, once serving.
+        let until = Instant::now() + Duration::from_micros(500 + round * 400);
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        send(&child, rustix::process::Signal::TERM);
+        // Let a blocked "stopped" message race the rest of start-up.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut drained = Vec::new();
+        let drain = std::thread::spawn(move || {
+            reader.read_to_end(&mut drained).expect("drain");
+        });
+        let mut child = child;
+        let status = child.wait().expect("wait");
+        drain.join().expect("drain");
+        let left: Vec<String> = dir
+            .listing()
+            .into_iter()
+            .filter(|n| n.ends_with(".sock") || n.starts_with(".copyctl-"))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "round {round}: {status:?} left {left:?} behind"
+        );
+        let outcome = match status.code() {
+            Some(0) => "served, then stopped",
+            Some(143) => "stopped while starting",
+            None => "killed before its handler",
+            Some(_) => panic!("round {round}: {status:?}"),
+        };
+        *outcomes.entry(outcome).or_insert(0) += 1;
+    }
+    println!("40 signals during start-up: {outcomes:?}");
+}
+
 /// A signal while serve starts (here waiting on an NBD destination that
 /// never answers) ends it at once, as a kill would.
 #[test]

@@ -11,7 +11,6 @@ use std::path::Path;
 
 use anyhow::Context;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use livecopy::control::{self, Controller, JobController, JournalController};
 use livecopy::engine::files;
@@ -187,8 +186,14 @@ fn server_tls(args: &ServeArgs) -> anyhow::Result<Option<nbd::tls::ServerTls>> {
 }
 
 /// Set once start-up has nothing left that may wait long, before the first
-/// socket is made: a socket on disk is then always serve's to remove.
-static SERVING: AtomicBool = AtomicBool::new(false);
+/// socket is made: a socket on disk is then always serve's to remove. A
+/// lock, not a flag: the signal thread decides and exits while holding it,
+/// so start-up cannot make a socket between the decision and the exit.
+static SERVING: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+fn serving() -> std::sync::MutexGuard<'static, bool> {
+    SERVING.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// SIGINT and SIGTERM: before serving, the process ends at once with
 /// 128 + the signal, as a kill would (start-up may wait long on an NBD
@@ -204,10 +209,17 @@ fn stop_on_signals() -> anyhow::Result<std::sync::mpsc::Receiver<i32>> {
         .name("serve-signals".into())
         .spawn(move || {
             for signal in signals.forever() {
-                if !SERVING.load(Ordering::SeqCst) {
-                    eprintln!("copyctl: stopped by signal {signal} while starting");
+                let serving = serving();
+                if !*serving {
+                    // Never eprintln!: it panics on a closed stderr, and
+                    // this thread must reach the exit.
+                    let _ = std::io::Write::write_fmt(
+                        &mut std::io::stderr(),
+                        format_args!("copyctl: stopped by signal {signal} while starting\n"),
+                    );
                     std::process::exit(128 + signal);
                 }
+                drop(serving);
                 let _ = tx.send(signal);
             }
         })?;
@@ -269,7 +281,7 @@ pub fn run(args: &ServeArgs, out: Output) -> anyhow::Result<Exit> {
     };
     // From here a signal waits in `stop` until the sockets exist, and the
     // drops below remove them: exiting at once would leave them behind.
-    SERVING.store(true, Ordering::SeqCst);
+    *serving() = true;
     let unix = nbd::bind_unix(&args.socket, Arc::clone(&plan.device), &args.export)?.spawn();
     let control = control::serve(&args.control, Arc::clone(&plan.controller))?;
     // Serving: a switch may come now, and with it writes on the
