@@ -512,6 +512,49 @@ fn serve_outlives_its_stdout_reader_and_stops_without_its_control_socket() {
     assert_eq!(dir.listing(), ["J", "dst.img", "src.img"]);
 }
 
+/// Serve's event log goes to stderr; a stderr nobody reads any more (the
+/// reader of its pipe is gone) neither stops serve nor any of its threads:
+/// the job still switches, completes and stops cleanly.
+#[test]
+fn serve_outlives_its_stderr_reader() {
+    let dir = with_source();
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
+        .current_dir(&dir.root)
+        .args(["serve", "--journal", "J", "--source", "src.img"])
+        .args([
+            "--dest",
+            "dst.img",
+            "--socket",
+            "n.sock",
+            "--control",
+            "c.sock",
+        ])
+        .env("COPYCTL_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(writer)
+        .spawn()
+        .expect("serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.path("c.sock").exists() {
+        assert!(child.try_wait().expect("wait").is_none(), "serve ended");
+        assert!(Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ctl = ["--control", "c.sock"];
+    check(&dir, &["switch", ctl[0], ctl[1], "--wait", "60"], OK);
+    check(&dir, &["complete", ctl[0], ctl[1]], OK);
+    send(&child, rustix::process::Signal::TERM);
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(dir.listing(), ["J", "dst.img", "src.img"]);
+    assert_eq!(
+        std::fs::read(dir.path("dst.img")).unwrap(),
+        std::fs::read(dir.path("src.img")).unwrap()
+    );
+}
+
 /// A signal that comes while serve starts never leaves a socket behind,
 /// even when the "stopped" message waits on a stderr nobody reads: serve
 /// either ends before making its sockets or serves and removes them.

@@ -37,6 +37,10 @@ fn init_log(format: args::LogFormat, default: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // On a failed write, tracing-subscriber would say so with
+        // eprintln!, which panics when stderr's reader is gone: a log line
+        // would then kill the engine thread that wrote it.
+        .log_internal_errors(false)
         .with_target(false);
     let _ = match format {
         args::LogFormat::Human => builder

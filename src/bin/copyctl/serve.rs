@@ -7,6 +7,7 @@
 //! says to start its copy over; a refusal of recovery stops here with
 //! recover's exit code.
 
+use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
@@ -81,7 +82,7 @@ fn existing_job(args: &ServeArgs) -> anyhow::Result<Result<Plan, Exit>> {
     let recovered = match opened.analysis.outcome {
         Ok(r) => r,
         Err(refusal) => {
-            eprintln!("copyctl: recovery refused: {refusal}");
+            say(format_args!("copyctl: recovery refused: {refusal}"));
             return Ok(Err(Exit::of_refusal(refusal.reason)));
         }
     };
@@ -166,23 +167,30 @@ fn server_tls(args: &ServeArgs) -> anyhow::Result<Option<nbd::tls::ServerTls>> {
         return Ok(None);
     }
     let Some(dir) = &args.tuning.tls_creds else {
-        eprintln!(
+        say(format_args!(
             "copyctl: WARNING: --tcp-plaintext-insecure: NBD on {} is neither encrypted \
              nor authenticated; anyone who reaches it reads and writes the guest's disk",
             args.tcp.as_deref().unwrap_or_default()
-        );
+        ));
         return Ok(None);
     };
     let tls = nbd::tls::server_config(dir, &args.tls_authz)?;
     if !tls.authenticates_clients() {
-        eprintln!(
+        say(format_args!(
             "copyctl: warning: {} has no {}: TCP clients are not authenticated \
              (the connection is encrypted, but any client may use the export)",
             dir.display(),
             nbd::tls::CA_CERT
-        );
+        ));
     }
     Ok(Some(tls))
+}
+
+/// A line on stderr, or nothing when nobody reads it any more: serve must
+/// not stop over its messages (`eprintln!` panics when stderr's reader is
+/// gone).
+fn say(line: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Set once start-up has nothing left that may wait long, before the first
@@ -211,12 +219,9 @@ fn stop_on_signals() -> anyhow::Result<std::sync::mpsc::Receiver<i32>> {
             for signal in signals.forever() {
                 let serving = serving();
                 if !*serving {
-                    // Never eprintln!: it panics on a closed stderr, and
-                    // this thread must reach the exit.
-                    let _ = std::io::Write::write_fmt(
-                        &mut std::io::stderr(),
-                        format_args!("copyctl: stopped by signal {signal} while starting\n"),
-                    );
+                    say(format_args!(
+                        "copyctl: stopped by signal {signal} while starting"
+                    ));
                     std::process::exit(128 + signal);
                 }
                 drop(serving);
