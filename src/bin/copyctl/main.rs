@@ -18,6 +18,7 @@ mod resolve;
 mod serve;
 mod size;
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -91,7 +92,8 @@ fn main() -> ExitCode {
                 return exit::Exit::Ok.into();
             }
             let code = exit::Exit::of_error(&error);
-            eprintln!("copyctl: {error:#}");
+            // The exit code must survive a stderr nobody reads.
+            let _ = writeln!(std::io::stderr(), "copyctl: {error:#}");
             code.into()
         }
     }
