@@ -30,7 +30,10 @@ fn init_log(format: args::LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("COPYCTL_LOG") {
         Ok(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
-            eprintln!("copyctl: COPYCTL_LOG={spec:?} is not a filter ({e}); logging at {default}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "copyctl: COPYCTL_LOG={spec:?} is not a filter ({e}); logging at {default}"
+            );
             EnvFilter::new(default)
         }),
         Err(_) => EnvFilter::new(default),
