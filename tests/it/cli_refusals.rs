@@ -102,22 +102,22 @@ fn start_serve(dir: &Dir, journal: &str, dest: &str, stdout: Stdio) -> std::proc
 }
 
 fn spawn_serve(dir: &Dir, journal: &str, dest: &str, stdout: Stdio) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
-        .current_dir(&dir.root)
-        .args([
-            "serve",
-            "--journal",
-            journal,
-            "--source",
-            "src.img",
-            "--dest",
-            dest,
-        ])
-        .args(["--socket", "n.sock", "--control", "c.sock"])
+    serve_command(dir, journal, dest)
         .stdout(stdout)
         .stderr(Stdio::null())
         .spawn()
         .expect("serve")
+}
+
+/// `copyctl serve` of `src.img` onto `dest` in `dir`, its sockets `n.sock`
+/// and `c.sock`; its standard streams are the caller's to set.
+fn serve_command(dir: &Dir, journal: &str, dest: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"));
+    command
+        .current_dir(&dir.root)
+        .args(["serve", "--journal", journal, "--source", "src.img"])
+        .args(["--dest", dest, "--socket", "n.sock", "--control", "c.sock"]);
+    command
 }
 
 fn send(child: &std::process::Child, signal: rustix::process::Signal) {
@@ -520,17 +520,7 @@ fn serve_outlives_its_stderr_reader() {
     let dir = with_source();
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
-        .current_dir(&dir.root)
-        .args(["serve", "--journal", "J", "--source", "src.img"])
-        .args([
-            "--dest",
-            "dst.img",
-            "--socket",
-            "n.sock",
-            "--control",
-            "c.sock",
-        ])
+    let mut child = serve_command(&dir, "J", "dst.img")
         .env("COPYCTL_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(writer)
@@ -567,17 +557,7 @@ fn a_signal_at_any_moment_of_start_up_leaves_no_socket() {
         // A full pipe: the first write to stderr blocks until drained.
         let (mut reader, mut writer) = std::io::pipe().expect("pipe");
         writer.write_all(&[b'.'; 65536]).expect("fill the pipe");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_copyctl"))
-            .current_dir(&dir.root)
-            .args(["serve", "--journal", "J", "--source", "src.img"])
-            .args([
-                "--dest",
-                "dst.img",
-                "--socket",
-                "n.sock",
-                "--control",
-                "c.sock",
-            ])
+        let child = serve_command(&dir, "J", "dst.img")
             .env("COPYCTL_LOG", "error")
             .stdout(Stdio::null())
             .stderr(writer)
