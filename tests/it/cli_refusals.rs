@@ -92,13 +92,22 @@ fn refusals_of_copy_leave_nothing_behind() {
 /// `copyctl serve` of `src.img` onto `dst.img` in `dir` with journal
 /// `journal`, its stdout as given; returns once its control socket exists.
 fn start_serve(dir: &Dir, journal: &str, dest: &str, stdout: Stdio) -> std::process::Child {
-    let child = spawn_serve(dir, journal, dest, stdout);
+    let mut child = spawn_serve(dir, journal, dest, stdout);
+    wait_for_control(dir, &mut child, || {
+        std::thread::sleep(Duration::from_millis(5))
+    });
+    child
+}
+
+/// Returns once serve's control socket exists, calling `pause` between
+/// looks; fails if serve ends first.
+fn wait_for_control(dir: &Dir, child: &mut std::process::Child, pause: impl Fn()) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !dir.path("c.sock").exists() {
+        assert!(child.try_wait().expect("wait").is_none(), "serve ended");
         assert!(Instant::now() < deadline, "serve did not start");
-        std::thread::sleep(Duration::from_millis(5));
+        pause();
     }
-    child
 }
 
 fn spawn_serve(dir: &Dir, journal: &str, dest: &str, stdout: Stdio) -> std::process::Child {
@@ -337,11 +346,7 @@ fn a_signal_stops_serve_and_removes_its_sockets() {
         for signal in [rustix::process::Signal::TERM, rustix::process::Signal::INT] {
             let dir = with_source();
             let mut child = spawn_serve(&dir, "J", "dst.img", Stdio::null());
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !dir.path("c.sock").exists() {
-                assert!(Instant::now() < deadline, "serve did not start");
-                std::thread::yield_now();
-            }
+            wait_for_control(&dir, &mut child, std::thread::yield_now);
             send(&child, signal);
             let status = child.wait().expect("wait");
             assert_eq!(status.code(), Some(0), "round {round}, {signal:?}");
@@ -526,12 +531,9 @@ fn serve_outlives_its_stderr_reader() {
         .stderr(writer)
         .spawn()
         .expect("serve");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !dir.path("c.sock").exists() {
-        assert!(child.try_wait().expect("wait").is_none(), "serve ended");
-        assert!(Instant::now() < deadline, "serve did not start");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_control(&dir, &mut child, || {
+        std::thread::sleep(Duration::from_millis(5))
+    });
     let ctl = ["--control", "c.sock"];
     check(&dir, &["switch", ctl[0], ctl[1], "--wait", "60"], OK);
     check(&dir, &["complete", ctl[0], ctl[1]], OK);
@@ -557,7 +559,7 @@ fn a_signal_at_any_moment_of_start_up_leaves_no_socket() {
         // A full pipe: the first write to stderr blocks until drained.
         let (mut reader, mut writer) = std::io::pipe().expect("pipe");
         writer.write_all(&[b'.'; 65536]).expect("fill the pipe");
-        let child = serve_command(&dir, "J", "dst.img")
+        let mut child = serve_command(&dir, "J", "dst.img")
             .env("COPYCTL_LOG", "error")
             .stdout(Stdio::null())
             .stderr(writer)
@@ -576,7 +578,6 @@ fn a_signal_at_any_moment_of_start_up_leaves_no_socket() {
         let drain = std::thread::spawn(move || {
             reader.read_to_end(&mut drained).expect("drain");
         });
-        let mut child = child;
         let status = child.wait().expect("wait");
         drain.join().expect("drain");
         let left: Vec<String> = dir

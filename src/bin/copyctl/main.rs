@@ -18,7 +18,6 @@ mod resolve;
 mod serve;
 mod size;
 
-use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -30,10 +29,9 @@ fn init_log(format: args::LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("COPYCTL_LOG") {
         Ok(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
-            let _ = writeln!(
-                std::io::stderr(),
+            output::say(format_args!(
                 "copyctl: COPYCTL_LOG={spec:?} is not a filter ({e}); logging at {default}"
-            );
+            ));
             EnvFilter::new(default)
         }),
         Err(_) => EnvFilter::new(default),
@@ -95,8 +93,7 @@ fn main() -> ExitCode {
                 return exit::Exit::Ok.into();
             }
             let code = exit::Exit::of_error(&error);
-            // The exit code must survive a stderr nobody reads.
-            let _ = writeln!(std::io::stderr(), "copyctl: {error:#}");
+            output::say(format_args!("copyctl: {error:#}"));
             code.into()
         }
     }

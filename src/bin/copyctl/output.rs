@@ -50,8 +50,14 @@ pub fn emit_line(output: Output, json: Value, human: &str) -> anyhow::Result<()>
 
 /// A warning for the human at the terminal, whatever the output format.
 pub fn warn(message: &str) {
-    // If stderr is gone there is nobody to tell.
-    let _ = writeln!(io::stderr(), "copyctl: warning: {message}");
+    say(format_args!("copyctl: warning: {message}"));
+}
+
+/// A line on stderr, or nothing when nobody reads it any more: no command
+/// may stop or change its exit code over its messages (`eprintln!` panics
+/// when stderr's reader is gone).
+pub fn say(line: std::fmt::Arguments) {
+    let _ = writeln!(io::stderr(), "{line}");
 }
 
 /// Whether `error` is stdout closed by its reader: not a failure. A broken

@@ -7,7 +7,6 @@
 //! says to start its copy over; a refusal of recovery stops here with
 //! recover's exit code.
 
-use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
@@ -23,7 +22,7 @@ use serde_json::json;
 
 use crate::args::{Output, ServeArgs};
 use crate::exit::Exit;
-use crate::output::emit_line;
+use crate::output::{emit_line, say, warn};
 
 /// What to serve and who drives it.
 struct Plan {
@@ -176,21 +175,14 @@ fn server_tls(args: &ServeArgs) -> anyhow::Result<Option<nbd::tls::ServerTls>> {
     };
     let tls = nbd::tls::server_config(dir, &args.tls_authz)?;
     if !tls.authenticates_clients() {
-        say(format_args!(
-            "copyctl: warning: {} has no {}: TCP clients are not authenticated \
+        warn(&format!(
+            "{} has no {}: TCP clients are not authenticated \
              (the connection is encrypted, but any client may use the export)",
             dir.display(),
             nbd::tls::CA_CERT
         ));
     }
     Ok(Some(tls))
-}
-
-/// A line on stderr, or nothing when nobody reads it any more: serve must
-/// not stop over its messages (`eprintln!` panics when stderr's reader is
-/// gone).
-fn say(line: std::fmt::Arguments) {
-    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Set once start-up has nothing left that may wait long, before the first
